@@ -1,0 +1,5 @@
+import sys
+
+from nern.cli import main
+
+sys.exit(main())

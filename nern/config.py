@@ -1,0 +1,377 @@
+"""Typed run configuration: dataclasses, filled from YAML plus `a.b=value` overrides, validated at the boundary.
+
+A typo or a value out of range fails before any work starts, with the dotted key and the allowed values in
+the message. Defaults are the paper's ResNet20/CIFAR-10 settings (METHOD.md); presets live in YAML files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from nern.errors import NernError
+
+SAMPLING_METHODS = (
+    "all",
+    "random_batch",
+    "random_batch_without_replacement",
+    "sequential_layer",
+    "random_layer",
+    "random_weighted_batch",
+)
+PERMUTATIONS = ("none", "infilter", "crossfilter")
+
+
+@dataclass
+class ModelConfig:
+    """Which network is represented; `checkpoint` is a path, or `torchvision:<WEIGHTS>` for torchvision's."""
+
+    arch: str = "resnet20"
+    num_classes: int = 10
+    in_channels: int = 3
+    shortcut: Literal["A", "B"] = "A"
+    checkpoint: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where task images come from (evaluation always uses the real val/test split, also in data-free fits)."""
+
+    name: Literal["cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder", "imagenet"] = "cifar10"
+    root: str = "data"
+    batch_size: int = 256
+    eval_batch_size: int = 500
+    val_size: int = 5000
+    augment: bool = True
+    workers: int = 0
+    download: bool = True
+    eval_limit: int | None = None  # evaluate on N evenly spaced test/val images only (smoke runs)
+
+
+@dataclass
+class RepresentConfig:
+    """Which conv layers the predictor represents (METHOD.md 1); the rest is copied verbatim."""
+
+    max_kernel: int = 3
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    preset: Literal["auto", "resnet18_blocks", "none"] = "auto"
+
+
+@dataclass
+class EmbeddingConfig:
+    """Positional embedding (METHOD.md 2): b = 0.76 is the smooth variant, 1.25 the non-smooth one."""
+
+    levels: int = 40
+    base: float = 0.76
+
+
+@dataclass
+class PredictorConfig:
+    """Plain MLP (METHOD.md 3): `depth` linear layers of width `hidden`, 9 outputs."""
+
+    hidden: int = 180
+    depth: int = 5
+    init: Literal["default", "variance"] = "default"
+    normalize_targets: bool = False  # fast preset: predict per-layer standardised kernels, store scales
+
+
+@dataclass
+class LossConfig:
+    """L = rec * L_rec + kd * L_KD + fmd * L_FMD; distillation terms are zero before `warmup` iterations."""
+
+    rec: float = 1.0
+    kd: float = 1e-4
+    fmd: float = 1e-4
+    warmup: int = 0
+    temperature: float = 1.0
+
+
+@dataclass
+class SamplingConfig:
+    """Which predicted kernels carry gradient each iteration (METHOD.md 5)."""
+
+    method: Literal[
+        "all",
+        "random_batch",
+        "random_batch_without_replacement",
+        "sequential_layer",
+        "random_layer",
+        "random_weighted_batch",
+    ] = "random_weighted_batch"
+    batch: int = 4096
+    uniform_prob: float = 0.8
+
+
+@dataclass
+class OptimConfig:
+    """Ranger with a per-iteration cosine schedule (METHOD.md 7)."""
+
+    name: Literal["ranger", "adam"] = "ranger"
+    lr: float = 5e-3
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    eps: float = 1e-5
+    weight_decay: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_iterations: int = 0
+
+
+@dataclass
+class FitConfig:
+    """One NeRN fit. `iterations` wins over `epochs` when both are set."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    represent: RepresentConfig = field(default_factory=RepresentConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    iterations: int | None = 600
+    epochs: float | None = None
+    rec_only_iterations: int = 0  # fast preset: reconstruction-only phase before distillation starts
+    data_free: bool = False  # distil on U[-2, 2] noise in normalised input space instead of task images
+    eval_every: int = 200
+    checkpoint_every: int = 100
+    select_best_on_val: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    compile: bool = False
+    autocast_bf16: bool = False
+    progress: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    """Training the ORIGINAL network (METHOD.md 6-7): standard CIFAR recipe plus the smoothness regulariser."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=128))
+    represent: RepresentConfig = field(default_factory=RepresentConfig)
+    epochs: float = 200
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    milestones: list[float] = field(default_factory=lambda: [100, 150])
+    gamma: float = 0.1
+    smoothness: float = 0.0
+    eval_every_epochs: float = 1.0
+    checkpoint_every: int = 200
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise naming the key and what is allowed."""
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except NernError as exc:
+                errors.append(str(exc))
+        raise NernError(errors[0] if errors else f"config key '{key}': invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise NernError(f"config key '{key}': {value!r} is not allowed; choose one of {allowed}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise NernError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise NernError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise NernError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise NernError(f"config key '{key}': expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise NernError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise NernError(f"config key '{key}': expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise NernError(f"config key '{key}': expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise NernError(f"config key '{key}': expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        raise NernError(
+            f"unknown config key '{prefix}{unknown[0]}'; allowed keys here: {', '.join(prefix + n for n in names)}"
+        )
+    default = cls()
+    kwargs = {}
+    for name in names:
+        if name in values:
+            kwargs[name] = _coerce(values[name], hints[name], prefix + name)
+        else:
+            kwargs[name] = getattr(default, name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise NernError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ['predictor.hidden=140', 'loss.kd=0'] into a nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise NernError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise NernError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise NernError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise NernError(f"config file {path} must hold a mapping of keys")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Any:
+    """Build a validated `cls` from (optional) dict, YAML file and dotted overrides, in that order."""
+    tree: dict[str, Any] = dict(base or {})
+    if path is not None:
+        tree = _merge(tree, read_yaml(path))
+    tree = _merge(tree, parse_overrides(overrides or []))
+    cfg = _build(cls, tree)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the form MLflow params and table columns take."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise NernError(f"config key '{key}': {message}")
+
+
+def validate(cfg: Any) -> None:
+    """Range checks the types cannot express."""
+    if isinstance(cfg, (FitConfig, PretrainConfig)):
+        _require(cfg.model.num_classes >= 2, "model.num_classes", "must be >= 2")
+        _require(cfg.model.in_channels >= 1, "model.in_channels", "must be >= 1")
+        _require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _require(cfg.data.val_size >= 0, "data.val_size", "must be >= 0")
+        _require(cfg.represent.max_kernel >= 1, "represent.max_kernel", "must be >= 1")
+    if isinstance(cfg, FitConfig):
+        _require(cfg.predictor.hidden >= 1, "predictor.hidden", f"must be a positive integer, got {cfg.predictor.hidden}")
+        _require(cfg.predictor.depth >= 2, "predictor.depth", f"must be >= 2 linear layers, got {cfg.predictor.depth}")
+        _require(cfg.embedding.levels >= 1, "embedding.levels", "must be >= 1")
+        _require(cfg.embedding.base > 0, "embedding.base", "must be > 0")
+        for name in ("rec", "kd", "fmd"):
+            _require(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be >= 0")
+        _require(cfg.loss.warmup >= 0, "loss.warmup", "must be >= 0")
+        _require(cfg.loss.temperature > 0, "loss.temperature", "must be > 0")
+        _require(cfg.sampling.batch >= 1, "sampling.batch", "must be >= 1")
+        _require(0.0 <= cfg.sampling.uniform_prob <= 1.0, "sampling.uniform_prob", "must be in [0, 1]")
+        _require(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+        _require(len(cfg.optim.betas) == 2, "optim.betas", "must hold two numbers")
+        _require(cfg.iterations is not None or cfg.epochs is not None, "iterations", "set iterations or epochs")
+        if cfg.iterations is not None:
+            _require(cfg.iterations >= 0, "iterations", "must be >= 0")
+        if cfg.epochs is not None:
+            _require(cfg.epochs > 0, "epochs", "must be > 0")
+        _require(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0 evaluates only at the end)")
+        _require(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 disables checkpoints)")
+    if isinstance(cfg, PretrainConfig):
+        _require(cfg.epochs > 0, "epochs", "must be > 0")
+        _require(cfg.lr > 0, "lr", "must be > 0")
+        _require(cfg.smoothness >= 0, "smoothness", "must be >= 0")

@@ -1,0 +1,83 @@
+"""Feature maps for distillation, captured with forward hooks (never by editing `forward`).
+
+Rule (generic, documented in the README): the distilled maps are the network's PRE-ACTIVATION maps:
+every normalisation layer's output, plus every tensor that enters an activation module and is not
+already such an output. In a ResNet block this gives exactly the paper's set (METHOD.md 4):
+bn1(conv1), bn2(conv2) and the residual sum before its ReLU; plus the stem BN output -> 28 maps for
+ResNet20. Normalisation layers whose path matches `exclude` (default: shortcut/downsample branches, which
+the paper does not distil) are skipped. A network without normalisation (conv biases, max-pooling) gets
+its conv outputs that feed each ReLU. Activations must be modules (`nn.ReLU`), not `F.relu`, to be seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+ACTIVATION_TYPES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Sigmoid, nn.Softplus,
+)
+DEFAULT_EXCLUDE = (r"(^|\.)shortcut(\.|$)", r"(^|\.)downsample(\.|$)")
+
+
+class FeatureMapRecorder:
+    """Registers hooks once; `with recorder.record() as maps:` collects the maps of one forward pass."""
+
+    def __init__(self, model: nn.Module, exclude: tuple[str, ...] = DEFAULT_EXCLUDE):
+        self._maps: list[torch.Tensor] | None = None
+        self._norm_outputs: list[tuple[torch.Tensor, int]] = []
+        self._handles = []
+        # An in-place activation would overwrite a recorded norm output; clone only when that can happen.
+        self._clone = any(getattr(m, "inplace", False) for m in model.modules() if isinstance(m, ACTIVATION_TYPES))
+        for name, module in model.named_modules():
+            if isinstance(module, NORM_TYPES) and not any(re.search(p, name) for p in exclude):
+                self._handles.append(module.register_forward_hook(self._on_norm))
+            elif isinstance(module, ACTIVATION_TYPES):
+                self._handles.append(module.register_forward_pre_hook(self._on_activation))
+
+    def _on_norm(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self._maps is None:
+            return
+        self._norm_outputs.append((output, output._version))
+        self._maps.append(output.clone() if self._clone else output)
+
+    def _on_activation(self, module: nn.Module, inputs: tuple) -> None:
+        if self._maps is None:
+            return
+        x = inputs[0]
+        # Same tensor, same version: the norm output itself. Same tensor, newer version: an in-place
+        # residual add (`out += identity` in torchvision) turned it into the sum, which is a map of its own.
+        if any(x is seen and x._version == version for seen, version in self._norm_outputs[-4:]):
+            return
+        self._maps.append(x.clone() if self._clone else x)
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[list[torch.Tensor]]:
+        self._maps, self._norm_outputs = [], []
+        try:
+            yield self._maps
+        finally:
+            self._maps, self._norm_outputs = None, []
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> "FeatureMapRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def count_feature_maps(model: nn.Module, example: torch.Tensor) -> int:
+    with FeatureMapRecorder(model) as rec, torch.no_grad(), rec.record() as maps:
+        model(example)
+        return len(maps)

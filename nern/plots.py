@@ -1,0 +1,46 @@
+"""Figures of single runs (training curves); tables and cross-run figures live in `nern.tables`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nern.artifacts import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(curves_csv: str | Path, out_png: str | Path) -> None:
+    """Loss terms (log scale) and evaluation accuracy against iteration, side by side."""
+    import pandas as pd
+
+    plt = _pyplot()
+    df = pd.read_csv(curves_csv)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for column in ("loss", "rec", "kd", "fmd", "ce"):
+        if column in df and df[column].notna().any() and (df[column].fillna(0) > 0).any():
+            series = df[["iteration", column]].dropna()
+            ax_loss.plot(series["iteration"], series[column], label=column)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("iteration")
+    ax_loss.set_title("losses")
+    ax_loss.legend(fontsize=8)
+    for column in ("eval_test_top1", "eval_val_top1", "val_top1"):
+        if column in df and df[column].notna().any():
+            series = df[["iteration", column]].dropna()
+            ax_acc.plot(series["iteration"], series[column], marker="o", label=column.replace("eval_", ""))
+    ax_acc.set_xlabel("iteration")
+    ax_acc.set_ylabel("top-1 (%)")
+    ax_acc.set_title("accuracy")
+    if ax_acc.lines:
+        ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

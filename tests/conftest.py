@@ -1,0 +1,70 @@
+"""Shared fixtures: a real one-node Slurm cluster for the tests that submit jobs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_UP = REPO / "workflow" / "scripts" / "slurm_up.sh"
+SLURM_DOWN = REPO / "workflow" / "scripts" / "slurm_down.sh"
+SLURM_UP_TIMEOUT_S = 300
+
+
+def _slurm_running() -> bool:
+    """A cluster someone else stood up is used as is and left running."""
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and "idle" in done.stdout
+
+
+def _why_no_slurm() -> str | None:
+    """Why this machine cannot stand up the cluster, or None when it can."""
+    if os.environ.get("NERN_TEST_SLURM") == "0":
+        return "NERN_TEST_SLURM=0"
+    if os.geteuid() != 0:
+        return "standing up Slurm needs root"
+    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        return "no apt-get to install slurm-wlm"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[str]:
+    """Yield the partition of a running local Slurm cluster, started (and at the end stopped) here if needed."""
+    if _slurm_running():
+        yield "debug"
+        return
+    reason = _why_no_slurm()
+    if reason:
+        pytest.skip(f"no local Slurm cluster: {reason}")
+    try:
+        up = subprocess.run(
+            ["bash", str(SLURM_UP)], capture_output=True, text=True, timeout=SLURM_UP_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as exc:
+        subprocess.run(["bash", str(SLURM_DOWN)], capture_output=True, timeout=120)
+        pytest.fail(f"slurm_up.sh did not finish in {SLURM_UP_TIMEOUT_S} s: {exc.stdout!r:.2000}")
+    if up.returncode != 0:
+        subprocess.run(["bash", str(SLURM_DOWN)], capture_output=True, timeout=120)
+        pytest.fail(f"slurm_up.sh failed ({up.returncode}):\n{up.stdout[-2000:]}\n{up.stderr[-2000:]}")
+    try:
+        yield "debug"
+    finally:
+        subprocess.run(["bash", str(SLURM_DOWN)], capture_output=True, timeout=120)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use the cluster carry the `slurm` marker, so `-m "not slurm"` deselects them."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)

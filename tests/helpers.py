@@ -1,0 +1,42 @@
+"""Small networks and paths shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+PRETRAINED_RESNET20 = SHARED_DATA / "pretrained" / "resnet20-12fca82f.th"
+CIFAR_JPEG = SHARED_DATA / "cifar10-jpeg"
+
+
+class UserCNN(nn.Module):
+    """A user's own CNN: conv biases, max-pooling, no BatchNorm, a 1x1 conv and a 5x5 conv (kept verbatim)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 8, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(12, 12, 1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_root(tmp_path_factory) -> Path:
+    """A data root holding real Fashion-MNIST, unpacked once per session from Debian's package."""
+    if not list(DEBIAN_FASHION_MNIST.glob("*.gz")):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    return tmp_path_factory.mktemp("fashion-mnist")

@@ -1,0 +1,37 @@
+import pytest
+
+from nern.config import FitConfig, flatten, load_config, to_dict
+from nern.errors import NernError
+
+
+def test_defaults_are_paper_resnet20():
+    cfg = load_config(FitConfig)
+    assert cfg.predictor.hidden == 180 and cfg.embedding.levels == 40 and cfg.embedding.base == 0.76
+    assert cfg.sampling.method == "random_weighted_batch" and cfg.sampling.batch == 4096
+    assert cfg.loss.kd == 1e-4 and cfg.optim.lr == 5e-3
+
+
+def test_yaml_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("predictor:\n  hidden: 140\nloss:\n  kd: 0\n")
+    cfg = load_config(FitConfig, f, ["predictor.hidden=160", "sampling.method=all", "optim.betas=[0.9,0.99]"])
+    assert cfg.predictor.hidden == 160 and cfg.loss.kd == 0.0 and cfg.sampling.method == "all"
+    assert cfg.optim.betas == [0.9, 0.99]
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["predictor.hiden=3"], "predictor.hiden"),
+    (["sampling.method=bogus"], "random_weighted_batch"),
+    (["predictor.hidden=-5"], "predictor.hidden"),
+    (["predictor.hidden=abc"], "predictor.hidden"),
+    (["sampling.uniform_prob=1.5"], "sampling.uniform_prob"),
+    (["nonsense=1"], "nonsense"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(NernError, match=needle.replace(".", r"\.")):
+        load_config(FitConfig, None, override)
+
+
+def test_flatten_roundtrip_keys():
+    flat = flatten(to_dict(FitConfig()))
+    assert flat["predictor.hidden"] == 180 and "model.arch" in flat

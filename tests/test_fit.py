@@ -1,0 +1,152 @@
+"""Fitting end to end on real Fashion-MNIST: a user's own CNN, exact resume, data-free, warm-up, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nern.config import DataConfig, FitConfig, PretrainConfig, load_config
+from nern.data import build_splits
+from nern.errors import NernError
+from nern.fit import Fitter, decode_weights, distillation_weights, fit, load_predictor, prepare
+from nern.layers import conv_weights
+from nern.pretrain import pretrain
+from nern.reconstruct import reconstructed_model
+
+from helpers import UserCNN, fashion_mnist_root  # noqa: F401 (fixture)
+
+
+
+
+def tiny_data(root) -> dict:
+    return {"name": "fashion_mnist", "root": str(root), "batch_size": 64, "val_size": 500, "eval_limit": 500,
+            "eval_batch_size": 500, "download": False}
+
+
+def tiny_fit(root, **extra) -> FitConfig:
+    base = {
+        "data": tiny_data(root),
+        "model": {"arch": "resnet8", "in_channels": 1},
+        "predictor": {"hidden": 24},
+        "embedding": {"levels": 8},
+        "sampling": {"batch": 256},
+        "iterations": 12,
+        "eval_every": 6,
+        "checkpoint_every": 4,
+        "progress": False,
+    }
+    for key, value in extra.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return load_config(FitConfig, base=base)
+
+
+@pytest.fixture(scope="module")
+def trained_user_cnn(fashion_mnist_root, tmp_path_factory):
+    """A user's CNN (conv biases, max-pool, no BN, 1x1 and 5x5 convs) trained briefly with `nern.pretrain`."""
+    torch.manual_seed(0)
+    model = UserCNN(in_channels=1)
+    cfg = load_config(PretrainConfig, base={
+        "model": {"arch": "resnet8", "in_channels": 1}, "data": {**tiny_data(fashion_mnist_root), "batch_size": 128},
+        "epochs": 0.1, "lr": 0.05, "milestones": [], "progress": False, "eval_every_epochs": 1.0,
+    })
+    out = tmp_path_factory.mktemp("user_cnn")
+    metrics = pretrain(cfg, out, model=model)
+    assert metrics["test_top1"] > 40  # real training on real data, far above 10% chance
+    return model.eval()
+
+
+def test_user_cnn_permute_fit_evaluate_without_new_classes(trained_user_cnn, fashion_mnist_root, tmp_path):
+    from nern.permutation import compute_permutations
+
+    model = trained_user_cnn
+    cfg = tiny_fit(fashion_mnist_root, iterations=30, predictor={"hidden": 48}, sampling={"method": "all"})
+    layers = prepare(cfg, model=model).rep.layers
+    perms = compute_permutations(conv_weights(model, layers), "crossfilter", progress=False)
+    metrics = fit(cfg, tmp_path, model=model, permutation=perms)
+    assert metrics["represented_layers"] == 3  # the 5x5 conv is copied verbatim
+    assert metrics["permutation_bytes"] > 0
+    assert math.isfinite(metrics["reconstructed_top1"]) and metrics["original_top1"] > 40
+    # evaluate: rebuild from the file written to disk, with the permutation read back from it
+    predictor, rep, saved_cfg = load_predictor(tmp_path / "predictor.safetensors", model)
+    assert all(torch.equal(a, b.long()) for a, b in zip(rep.positions, perms))
+    rebuilt = reconstructed_model(model, rep, decode_weights(predictor, rep, saved_cfg))
+    x = torch.randn(4, 1, 28, 28)
+    assert rebuilt(x).shape == (4, 10)
+    first = dict(rebuilt.named_parameters())["features.0.weight"]
+    assert torch.equal(first, dict(model.named_parameters())["features.0.weight"])  # unrepresented: verbatim
+
+
+def test_fit_improves_reconstruction_and_writes_outputs(fashion_mnist_root, tmp_path):
+    cfg = tiny_fit(fashion_mnist_root, iterations=40, sampling={"method": "all"}, optim={"lr": 1e-2})
+    setup = prepare(cfg)
+    fitter = Fitter(cfg, setup, tmp_path)
+    first = fitter.step()["rec"]
+    metrics = fitter.run()
+    assert fitter.curves[-1]["rec"] < first
+    for name in ("predictor.safetensors", "metrics.json", "curves.csv"):
+        assert (tmp_path / name).is_file()
+    for key in ("original_top1", "reconstructed_top1", "predictor_params", "represented_params", "size_ratio",
+                "iterations", "wall_seconds", "seconds_per_iteration"):
+        assert key in metrics
+    assert metrics["iterations"] == 40
+
+
+def test_resume_from_checkpoint_is_exact(fashion_mnist_root, tmp_path):
+    cfg = tiny_fit(fashion_mnist_root)
+    straight = fit(cfg, tmp_path / "straight")
+    # interrupted run: stop after 8 iterations (a checkpoint exists at 8), then resume in a fresh Fitter
+    setup = prepare(cfg)
+    partial = Fitter(cfg, setup, tmp_path / "resumed")
+    partial.original_acc = partial.evaluate_original()
+    for _ in range(8):
+        partial.step()
+    partial.save()
+    for _ in range(2):  # work after the checkpoint that the kill loses
+        partial.step()
+    resumed = Fitter(cfg, prepare(cfg), tmp_path / "resumed").run()
+    assert resumed["resumed"] is True
+    assert resumed["reconstructed_top1"] == straight["reconstructed_top1"]
+    assert resumed["final_loss"] == straight["final_loss"]
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["predictor"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["predictor"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_of_other_config_is_refused(fashion_mnist_root, tmp_path):
+    fit(tiny_fit(fashion_mnist_root, iterations=4), tmp_path)
+    with pytest.raises(NernError, match="another config"):
+        fit(tiny_fit(fashion_mnist_root, iterations=4, predictor={"hidden": 32}), tmp_path)
+
+
+def test_data_free_fit_runs_on_noise_and_evaluates_on_real_test_set(fashion_mnist_root, tmp_path):
+    metrics = fit(tiny_fit(fashion_mnist_root, data_free=True, iterations=4, eval_every=0), tmp_path)
+    assert metrics["data_free"] is True and metrics["original_top1"] > 0
+
+
+def test_warmup_and_rec_only_phase_zero_the_distillation():
+    cfg = load_config(FitConfig, base={"loss": {"warmup": 10}, "rec_only_iterations": 20})
+    assert distillation_weights(cfg, 5) == (0.0, 0.0)
+    assert distillation_weights(cfg, 19) == (0.0, 0.0)
+    assert distillation_weights(cfg, 20) == (cfg.loss.kd, cfg.loss.fmd)
+
+
+def test_nan_loss_is_a_user_error_and_writes_no_output(fashion_mnist_root, tmp_path):
+    cfg = tiny_fit(fashion_mnist_root, iterations=4)
+    setup = prepare(cfg)
+    setup.originals[0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(NernError, match="(?i)nan"):
+        Fitter(cfg, setup, tmp_path).run()
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_grey_data_into_rgb_model_is_refused(fashion_mnist_root, tmp_path):
+    cfg = tiny_fit(fashion_mnist_root, model={"in_channels": 3})
+    with pytest.raises(NernError, match="channel"):
+        prepare(cfg)
+
+
+def test_splits_validation_is_carved_from_train(fashion_mnist_root):
+    splits = build_splits(DataConfig(**tiny_data(fashion_mnist_root)), seed=0)
+    assert len(splits.val) == 500 and len(splits.test) == 500

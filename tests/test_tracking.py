@@ -1,0 +1,190 @@
+"""MLflow tracking: read back what a run logged, resume a run, no-op when off, and no loss under 8 writers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from nern import tracking
+from nern.errors import NernError
+from nern.tracking import Tracker
+
+pytest.importorskip("mlflow")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory) -> str:
+    """One store for the tests that do not care about its location: creating a store costs seconds."""
+    return tracking.default_uri(tmp_path_factory.mktemp("store"))
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def test_run_is_readable_back(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may land in the cwd
+    results = tmp_path / "results"
+    note = tmp_path / "note.txt"
+    note.write_text("hello\n")
+    with Tracker(None, "exp", "fit-a", {"stage": "fit"}, results_dir=results) as tr:
+        tr.log_params({"fit.lr": 0.01, "fit.hidden": 180, "long": "x" * 10_000, "bad key!": 1})
+        for step in range(3):
+            tr.log_metrics({"loss": 1.0 / (step + 1), "skipped": None}, step=step)
+        tr.log_artifact(note, artifact_path="notes")
+        tr.set_tags({"seed": 0})
+        run_id = tr.run_id
+    assert tr.uri == f"sqlite:///{results.resolve() / 'mlflow.db'}"
+
+    client = _client(tr.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "fit-a"
+    assert run.data.params["fit.lr"] == "0.01" and run.data.params["fit.hidden"] == "180"
+    assert len(run.data.params["long"]) == tracking.MAX_PARAM_VALUE
+    assert run.data.params["long"].endswith(tracking.TRUNCATION_MARK)
+    assert run.data.params["bad key_"] == "1"
+    assert run.data.tags["stage"] == "fit" and run.data.tags["seed"] == "0"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [0, 1, 2]
+    assert [a.path for a in client.list_artifacts(run_id, "notes")] == ["notes/note.txt"]
+    assert run.info.artifact_uri.startswith((results / "mlartifacts").resolve().as_uri())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["note.txt", "results"]
+
+
+def test_resume_appends_to_the_same_run(store_uri):
+    uri = store_uri
+    with pytest.raises(RuntimeError, match="boom"):
+        with Tracker(uri, "exp", "fit-resume", {}) as tr:
+            tr.log_params({"lr": 0.1})
+            tr.log_metrics({"loss": 2.0}, step=0)
+            raise RuntimeError("boom")
+    run_id = tr.run_id
+    assert _client(uri).get_run(run_id).info.status == "FAILED"
+
+    with Tracker(uri, "exp", "fit-resume", {"resumed": "1"}, run_id=run_id) as again:
+        again.log_params({"lr": 0.1})  # same value: accepted
+        with pytest.raises(NernError, match="already has param lr"):
+            again.log_params({"lr": 0.2})
+        again.log_metrics({"loss": 1.0}, step=1)
+    assert again.run_id == run_id
+
+    client = _client(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "1"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [0, 1]
+    assert len(client.search_runs([run.info.experiment_id], "tags.mlflow.runName = 'fit-resume'")) == 1
+
+
+def test_keyboard_interrupt_marks_run_killed(store_uri):
+    uri = store_uri
+    with pytest.raises(KeyboardInterrupt):
+        with Tracker(uri, "exp", "fit") as tr:
+            raise KeyboardInterrupt
+    assert _client(uri).get_run(tr.run_id).info.status == "KILLED"
+
+
+def test_unknown_run_id_is_a_user_error(store_uri):
+    with pytest.raises(NernError, match="is not in"):
+        Tracker(store_uri, "exp", "fit", run_id="0" * 32).start()
+
+
+@pytest.mark.parametrize("kwargs", [{"uri": "none"}, {"uri": "NONE"}, {"uri": None, "enabled": False}])
+def test_disabled_tracker_is_a_noop(tmp_path, monkeypatch, kwargs):
+    monkeypatch.chdir(tmp_path)
+    with Tracker(experiment="exp", run_name="fit", tags={"a": "b"}, **kwargs) as tr:
+        tr.log_params({"lr": 1})
+        tr.log_metrics({"loss": 1.0}, step=0)
+        tr.log_artifact(tmp_path / "missing.txt")
+        tr.set_tags({"x": 1})
+    assert tr.run_id is None and not tr.enabled
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_uri_resolution(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_uri(None, "res") == f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}"
+    assert tracking.resolve_uri("sqlite:///rel.db") == f"sqlite:///{tmp_path / 'rel.db'}"
+    assert tracking.resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert tracking.resolve_uri(None) == "http://tracking:5000"
+    with pytest.raises(NernError, match="no scheme"):
+        tracking.resolve_uri("results/mlflow.db")
+
+
+def test_retry_waits_out_locks_but_not_schema_errors():
+    import sqlite3
+
+    calls = {"n": 0}
+
+    def flaky() -> str:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "ok"
+
+    assert tracking._retry(flaky, "test") == "ok" and calls["n"] == 3
+    with pytest.raises(sqlite3.OperationalError):
+        tracking._retry(lambda: (_ for _ in ()).throw(sqlite3.OperationalError("no such table: runs")), "test")
+    with pytest.raises(NernError, match="stayed unavailable"):
+        tracking._retry(lambda: (_ for _ in ()).throw(sqlite3.OperationalError("database is locked")), "x", 0.3)
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import mlflow  # imported before the barrier so all workers hit the store together
+    from nern.tracking import Tracker
+    uri, index, go = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+    Path(f"{go}.ready{index}").touch()
+    while not go.exists():
+        time.sleep(0.01)
+    with Tracker(uri, "concurrency", f"run{index}", {"worker": str(index)}) as tr:
+        tr.log_params({f"p{j}": j * index for j in range(20)})
+        for step in range(50):
+            tr.log_metrics({"loss": 1.0 / (step + 1), "acc": step / 50}, step=step)
+    """
+)
+
+
+def test_eight_processes_share_one_fresh_sqlite_store(tmp_path):
+    """Opening a fresh store and logging from 8 processes at once loses no run, param or metric point."""
+    uri = tracking.default_uri(tmp_path / "results")
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, uri, str(i), str(go)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(8)
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.ready*"))) < 8 and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.05)
+    go.touch()
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+
+    client = _client(uri)
+    exp = client.get_experiment_by_name("concurrency")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 8
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert sum(len(r.data.params) for r in runs) == 8 * 20
+    points = sum(len(client.get_metric_history(r.info.run_id, k)) for r in runs for k in ("loss", "acc"))
+    assert points == 8 * 50 * 2
