@@ -136,7 +136,7 @@ def prepare(cfg: FitConfig, model: nn.Module | None = None, permutation: str | l
 
         positions, mode = list(permutation), "custom"
         perm_bytes = perm_mod.permutation_bytes(positions)
-    scales = layer_scales(originals) if cfg.predictor.normalize_targets else None
+    scales = layer_scales(originals).cpu() if cfg.predictor.normalize_targets else None
     rep = Representation(layers, [p.cpu() for p in positions], kernel_size=3, scales=scales)
     targets = weights_to_kernels(originals, rep.kernel_size)
     embeddings = rep.embeddings(cfg.embedding.levels, cfg.embedding.base).to(cfg.device)
@@ -168,7 +168,8 @@ class Fitter:
         self.predictor = Predictor(setup.embeddings.shape[1], cfg.predictor.hidden, cfg.predictor.depth,
                                    setup.rep.kernel_size, cfg.predictor.init).to(self.device)
         self.forward_predictor: nn.Module = torch.compile(self.predictor) if cfg.compile else self.predictor
-        self.stream = data_mod.train_stream(cfg.data, cfg.seed, setup.splits.train, data_free=cfg.data_free)
+        self.stream = data_mod.train_stream(cfg.data, cfg.seed, setup.splits.train, data_free=cfg.data_free,
+                                            device=None if self.device.type == "cpu" else self.device)
         self.total = total_iterations(cfg, self.stream.batches_per_epoch)
         self.optimizer = make_optimizer(cfg, self.predictor.parameters())
         self.scheduler = make_scheduler(cfg, self.optimizer, self.total)

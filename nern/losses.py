@@ -26,12 +26,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 def _normalised_sq_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """sum_i ||s_i/(|s_i|+eps) - t_i/(|t_i|+eps)||^2, expanded into three per-sample reductions.
 
-    Same value as normalising and subtracting, but with no map-sized temporaries in forward or backward:
-    the maps are the largest tensors of an iteration, so this is most of FMD's cost.
+    Same value as normalising and subtracting, but with no map-sized temporaries in backward (the maps are
+    the largest tensors of an iteration). Each map is first divided by its detached max-abs a, with eps
+    replaced by eps/a: the value is unchanged, but squares cannot overflow float32 when a badly
+    reconstructed network's activations explode.
     """
     s, t = s.flatten(1), t.flatten(1)
+    a = s.detach().abs().amax(1, keepdim=True).clamp_min(1e-30)
+    b = t.detach().abs().amax(1, keepdim=True).clamp_min(1e-30)
+    s, t = s / a, t / b
     ss, tt, st = (s * s).sum(1), (t * t).sum(1), (s * t).sum(1)
-    ns, nt = ss.sqrt() + FMD_EPS, tt.sqrt() + FMD_EPS
+    ns = ss.clamp_min(1e-30).sqrt() + FMD_EPS / a.squeeze(1)
+    nt = tt.clamp_min(1e-30).sqrt() + FMD_EPS / b.squeeze(1)
     return (ss / ns**2 + tt / nt**2 - 2 * st / (ns * nt)).sum()
 
 

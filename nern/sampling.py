@@ -27,7 +27,7 @@ class KernelSampler:
         self.num_kernels = offsets[-1]
         self.num_layers = len(offsets) - 1
         self.uniform_prob = uniform_prob
-        self.weights = kernel_norms.detach().double().clamp_min(0) + 1e-12
+        self.weights = kernel_norms.detach().double().cpu().clamp_min(0) + 1e-12
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
         self._order = torch.empty(0, dtype=torch.long)

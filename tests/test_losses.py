@@ -37,3 +37,14 @@ def test_fmd_normalises_each_sample_and_divides_by_batch():
         b = t[0][i].flatten() / (t[0][i].norm() + 1e-3)
         manual += float(((a - b) ** 2).sum())
     assert math.isclose(float(fmd_loss(s, t)), manual / 4, rel_tol=1e-5)
+
+
+def test_fmd_survives_exploding_activations():
+    t = [torch.randn(2, 3, 4, 4)]
+    s = [(1e25 * torch.randn(2, 3, 4, 4)).requires_grad_()]
+    loss = fmd_loss(s, t)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s[0].grad).all()
+    zero = [torch.zeros(2, 3, 4, 4, requires_grad=True)]
+    fmd_loss(zero, t).backward()
+    assert torch.isfinite(zero[0].grad).all()

@@ -1,0 +1,128 @@
+"""Fit throughput benchmark: seconds per NeRN iteration and achieved FLOP/s against a dense matmul.
+
+For the paper's ResNet20 setting (h=180, batch 256, random_weighted_batch 4096) and ResNet56 (h=320), it
+times `Fitter.step()` (predict all kernels, sampled-gradient pass, teacher + reconstructed network,
+losses, Ranger step) on synthetic images (timing does not depend on pixel values), counts the FLOPs of one
+iteration with `torch.utils.flop_counter.FlopCounterMode` (predictor and network, forward and backward),
+and divides the achieved FLOP/s by a dense fp32 matmul's FLOP/s measured in the same process.
+Prints its configuration, the machine, and finally ONE JSON line.
+
+    python bench/fit.py [--device cuda] [--iterations 10] [--archs resnet20,resnet56] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED = ROOT.parent / "shared" / "data" / "pretrained"
+SETTINGS = {"resnet20": 180, "resnet56": 320}
+
+
+def synthetic_splits(n: int = 2048):
+    import torch
+
+    from nern.data import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, ImageSet, Splits
+
+    info = DatasetInfo(3, 10, IMAGENET_MEAN, IMAGENET_STD, 32)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    part = ImageSet(images[:512], labels[:512], info)
+    return Splits(ImageSet(images, labels, info), part, part)
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_flops(device: str, size: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def bench_arch(arch: str, hidden: int, args: argparse.Namespace) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nern.config import FitConfig, load_config
+    from nern.fit import Fitter, prepare
+    from nern.models import build_model, load_weights
+
+    shortcut = "A"
+    cfg = load_config(FitConfig, ROOT / "config" / "presets" / "paper.yaml",
+                      [f"model.arch={arch}", f"predictor.hidden={hidden}", "iterations=100000", "epochs=null",
+                       f"device={args.device}", "progress=false", *args.set])
+    model = build_model(cfg.model)
+    weights = SHARED / {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}[arch]
+    if weights.is_file() and shortcut == "A":
+        load_weights(model, str(weights))
+    setup = prepare(cfg, model=model, splits=synthetic_splits())
+    fitter = Fitter(cfg, setup, Path("/tmp/nern-bench-fit"))
+    for _ in range(args.warmup):
+        fitter.step()
+    with FlopCounterMode(display=False) as counter:
+        fitter.step()
+    flops = counter.get_total_flops()
+    sync(args.device)
+    start = time.perf_counter()
+    for _ in range(args.iterations):
+        fitter.step()
+    sync(args.device)
+    seconds = (time.perf_counter() - start) / args.iterations
+    return {"arch": arch, "hidden": hidden, "kernels": setup.rep.num_kernels,
+            "seconds_per_iteration": seconds, "iterations_per_second": 1 / seconds,
+            "flops_per_iteration": flops, "achieved_flops": flops / seconds,
+            "sampling": cfg.sampling.method, "sampled": cfg.sampling.batch, "batch": cfg.data.batch_size}
+
+
+def main() -> None:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--archs", default="resnet20,resnet56")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--set", action="append", default=[], help="FitConfig override, e.g. compile=true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    mach = {"cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device}
+    print(json.dumps({"config": vars(args), "machine": mach}))
+    peak = matmul_flops(args.device)
+    rows = []
+    for arch in args.archs.split(","):
+        row = bench_arch(arch, SETTINGS[arch], args)
+        row["fraction_of_matmul"] = row["achieved_flops"] / peak
+        rows.append(row)
+        print(f"{arch} h={row['hidden']}: {row['seconds_per_iteration']:.3f} s/it, "
+              f"{row['flops_per_iteration'] / 1e9:.1f} GFLOP/it, {row['achieved_flops'] / 1e9:.1f} GFLOP/s "
+              f"= {100 * row['fraction_of_matmul']:.1f}% of matmul ({peak / 1e9:.1f} GFLOP/s)", flush=True)
+    print(json.dumps({"bench": "fit", "machine": mach, "matmul_flops": peak, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()

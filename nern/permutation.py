@@ -1,0 +1,725 @@
+"""Coordinate permutations of the represented layers: none, infilter, crossfilter (METHOD.md 6).
+
+A permutation re-assigns COORDINATES, not weights. For a layer with weight [Cout, Cin, k, k], kernel
+`i = f * Cin + c` is fed the embedding of grid slot `position[i]`, whose coordinate is
+`(position[i] // Cin, position[i] % Cin)`; its prediction is written back to (f, c). The network function
+is therefore unchanged by construction, and decoding needs the stored `position` of every layer.
+
+Chains put similar kernels on neighbouring slots, so that a smooth predictor has less to learn.
+Similarity is the cosine of the flattened kernels; a zero kernel has cosine 0 with everything.
+
+- crossfilter: one chain over all Cout*Cin kernels of a layer; `position[chain[t]] = t`.
+- infilter: a greedy chain over each filter's Cin kernels gives pi_f; a greedy chain over the filters, with
+  filter similarity sum_c cos(W[f, pi_f(c)], W[g, pi_g(c)]), ranks the filters; kernel (f, c) gets slot
+  (rank of f) * Cin + (rank of c within pi_f). These chains are short (Cin or Cout long), so infilter always
+  uses the paper's exact greedy.
+
+Chain methods (crossfilter):
+- `greedy`: the paper's algorithm, exactly: start at kernel 0, repeatedly go to the unvisited kernel of
+  highest cosine similarity, ties to the lowest index. One matrix-vector product per step over the
+  still-unvisited kernels (compacted as the set shrinks), O(N^2 D). A precomputed N x N similarity matrix
+  does not help here: with D = 9 the product costs about as much as reading one row of that matrix, and
+  the matrix needs N^2 memory.
+- `fast`: a better chain in near-linear time, for the large layers where the exact greedy takes many
+  minutes (an hour per 512x512 layer in the reference code). It
+  1. finds ~10 nearest neighbours of every kernel (exact by blocked matmul for small layers; for large
+     ones, spherical k-means cells of ~256 kernels and each kernel searched in its 8 closest cells),
+  2. builds the chain by greedy edge matching: take candidate edges from the best similarity down, keep an
+     edge when both ends still have fewer than two chain neighbours and it closes no cycle; the path
+     fragments left over are joined the same way through the nearest neighbours of their end points,
+  3. polishes it with 2-opt and Or-opt moves over the neighbour lists, accepting only strict gains.
+  Edge matching avoids the long jumps the nearest-neighbour walk makes whenever it has painted itself into
+  a corner, so the chain's mean cosine is higher than the exact greedy's, not merely close to it.
+  All steps are deterministic (k-means draws its start from a seeded generator).
+- `auto`: for layers up to `AUTO_EXACT_MAX` kernels runs both and keeps the chain of higher quality (ties
+  go to the paper's greedy); both take at most seconds there, so the result is never worse than the
+  paper's and usually better. Larger layers use `fast` only, where the exact greedy would take minutes to
+  hours. Measured figures are in bench/permute.py's output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from nern.artifacts import load_tensors, save_tensors
+from nern.errors import NernError
+
+Mode = Literal["none", "infilter", "crossfilter"]
+MODES = ("none", "infilter", "crossfilter")
+METHODS = ("auto", "greedy", "fast")
+
+AUTO_EXACT_MAX = 16384  # auto: up to this many kernels, run the exact greedy as well and keep the better
+EXACT_NEIGHBOURS_MAX = 8192  # fast: up to this many kernels, nearest neighbours by brute force
+NEIGHBOURS = 8  # candidate neighbours per kernel (the refinement uses the best half)
+CELL_SIZE = 256  # fast: mean kernels per k-means cell
+PROBES = 8  # fast: cells searched per kernel
+TWO_OPT_ROUNDS = 2  # fast: refinement rounds; later rounds gain little for their time
+OR_OPT_ROUNDS = 1
+_DEAD = -1.0e30  # similarity penalty of visited entries: below any real dot product
+_GAIN_EPS = 1e-6  # a refinement move must gain at least this much similarity
+
+
+# ---------------------------------------------------------------------------------------------- basics
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """Step loops issue thousands of tiny ops; with two threads their synchronisation dominates (10x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _unit_rows(vectors: Tensor) -> Tensor:
+    """Rows scaled to unit length (float32), so dot products are cosines; zero rows stay zero (cosine 0)."""
+    rows = vectors.detach().reshape(vectors.shape[0], -1).float().cpu()
+    norms = rows.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, rows / norms.clamp_min(1e-30), torch.zeros_like(rows))
+
+
+def _kernels(weight: Tensor) -> Tensor:
+    """A conv weight [Cout, Cin, ...] as its Cout*Cin flattened kernels, row-major over (filter, channel)."""
+    if weight.dim() < 2:
+        raise NernError(f"expected a conv weight [Cout, Cin, k, k], got shape {tuple(weight.shape)}; "
+                        "pass the represented layers' weights")
+    return weight.detach().reshape(weight.shape[0] * weight.shape[1], -1)
+
+
+def chain_quality(vectors: Tensor, order: Tensor) -> float:
+    """Mean cosine similarity of consecutive vectors along `order`, the figure every method is judged by
+    (1.0 for fewer than two vectors)."""
+    unit = _unit_rows(vectors).double()[order.long()]
+    if unit.shape[0] < 2:
+        return 1.0
+    return float((unit[1:] * unit[:-1]).sum(1).mean())
+
+
+def chain_of_positions(position: Tensor) -> Tensor:
+    """The chain a position vector encodes: `chain[t]` is the kernel placed on slot t."""
+    return torch.argsort(position.long())
+
+
+def chain_quality_of_positions(weights: Sequence[Tensor], positions: Sequence[Tensor]) -> float:
+    """Mean cosine of kernels on consecutive slots, pooled over all layers (pairs never cross layers)."""
+    total, pairs = 0.0, 0
+    for weight, position in zip(weights, positions, strict=True):
+        n = position.numel()
+        if n >= 2:
+            total += chain_quality(_kernels(weight), chain_of_positions(position)) * (n - 1)
+            pairs += n - 1
+    return total / pairs if pairs else 1.0
+
+
+# --------------------------------------------------------------------------------- exact greedy chain
+
+
+def _greedy_order(rows: Tensor, start: int = 0, deadline: float | None = None) -> Tensor:
+    """Greedy walk by raw dot product of `rows`: one matvec per step, ties to the lowest index.
+
+    Visited entries carry a huge negative value in an extra coordinate, so masking is part of the product;
+    the set is compacted (order preserved, so argmax still breaks ties by lowest index) once half is visited.
+    Past `deadline` (a `time.perf_counter()` value) it stops and returns the walk so far.
+    """
+    n, dim = rows.shape
+    order = torch.empty(n, dtype=torch.long)
+    if n == 0:
+        return order
+    table = torch.cat([rows.float(), torch.zeros(n, 1)], dim=1).t().contiguous()  # [dim + 1, live]
+    ids = torch.arange(n)
+    slot, dead = int(start), 0
+    with _single_thread():
+        for t in range(n):
+            order[t] = ids[slot]
+            if t == n - 1:
+                break
+            if deadline is not None and t % 256 == 0 and time.perf_counter() > deadline:
+                return order[: t + 1]
+            query = table[:, slot].clone()
+            query[dim] = 1.0
+            table[dim, slot] = _DEAD
+            dead += 1
+            if dead * 2 > table.shape[1] >= 2048:
+                live = table[dim] == 0
+                table, ids, dead = table[:, live].contiguous(), ids[live], 0
+            slot = int(torch.mv(table.t(), query).argmax())
+    return order
+
+
+def _batched_greedy_orders(rows: Tensor) -> Tensor:
+    """Independent greedy chains (start 0, cosine, ties to lowest index) over each batch row's [n, D] set."""
+    batch, n, _ = rows.shape
+    orders = torch.empty(batch, n, dtype=torch.long)
+    if n == 0:
+        return orders
+    penalty = torch.zeros(batch, n)
+    every = torch.arange(batch)
+    current = torch.zeros(batch, dtype=torch.long)
+    with _single_thread():
+        for t in range(n):
+            orders[:, t] = current
+            if t == n - 1:
+                break
+            penalty[every, current] = _DEAD
+            query = rows[every, current]
+            current = (torch.bmm(rows, query.unsqueeze(2)).squeeze(2) + penalty).argmax(dim=1)
+    return orders
+
+
+def greedy_chain(vectors: Tensor, start: int = 0, *, time_limit_s: float | None = None) -> Tensor:
+    """The paper's greedy nearest-neighbour chain by cosine similarity (ties to the lowest index).
+
+    With `time_limit_s` (for benchmarks) the walk stops when the time is up and the chain so far is returned.
+    """
+    n = vectors.shape[0]
+    if n and not 0 <= start < n:
+        raise NernError(f"chain start {start} is outside 0..{n - 1}; pass an index of one of the vectors")
+    deadline = None if time_limit_s is None else time.perf_counter() + time_limit_s
+    return _greedy_order(_unit_rows(vectors), start, deadline)
+
+
+# ----------------------------------------------------------------------------- fast: nearest neighbours
+
+
+def _exact_neighbours(unit: Tensor, k: int, block: int = 2048) -> tuple[Tensor, Tensor]:
+    """The k most similar other rows of every row, by blocked brute force (small sets)."""
+    n = unit.shape[0]
+    k = min(k, n - 1)
+    idx, sim = torch.empty(n, k, dtype=torch.long), torch.empty(n, k)
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        sims = unit[lo:hi] @ unit.t()
+        sims[torch.arange(hi - lo), torch.arange(lo, hi)] = -torch.inf
+        sim[lo:hi], idx[lo:hi] = sims.topk(k, dim=1)
+    return idx, sim
+
+
+def _spherical_kmeans(unit: Tensor, cells: int, seed: int, iterations: int = 8, per_cell: int = 32) -> Tensor:
+    """Unit centroids of `cells` cells, fitted on a seeded subsample (assignment of all rows comes later)."""
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(unit.shape[0], generator=gen)
+    sample = unit[pick[: max(cells, min(unit.shape[0], cells * per_cell))]]
+    centroids = sample[:cells].clone()
+    for _ in range(iterations):
+        assign = (sample @ centroids.t()).argmax(dim=1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, sample)
+        norms = sums.norm(dim=1, keepdim=True)
+        centroids = torch.where(norms > 0, sums / norms.clamp_min(1e-30), centroids)  # empty cell: keep
+    return centroids
+
+
+def _closest_cells(unit: Tensor, centroids: Tensor, probes: int, block: int = 32768) -> Tensor:
+    """Per row, the `probes` cells whose centroid is most similar (the first one is the row's own cell)."""
+    out = torch.empty(unit.shape[0], probes, dtype=torch.long)
+    for lo in range(0, unit.shape[0], block):
+        out[lo:lo + block] = (unit[lo:lo + block] @ centroids.t()).topk(probes, dim=1).indices
+    return out
+
+
+def _grouped(keys: Tensor, groups: int) -> tuple[Tensor, list[int], list[int]]:
+    """Indices sorted by key (stable) with each group's start and size, to slice group g's members."""
+    order = torch.argsort(keys, stable=True)
+    sizes = torch.bincount(keys, minlength=groups)
+    starts = torch.cumsum(sizes, 0) - sizes
+    return order, starts.tolist(), sizes.tolist()
+
+
+def _row_blocks(rows: int, cols: int, budget: int = 1 << 22) -> Iterator[tuple[int, int]]:
+    """Row ranges whose [rows, cols] similarity block stays within `budget` entries (lopsided cells)."""
+    step = max(1, budget // max(1, cols))
+    for lo in range(0, rows, step):
+        yield lo, min(rows, lo + step)
+
+
+def _approximate_neighbours(unit: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
+    """About k nearest neighbours per row, searched in the row's PROBES closest k-means cells.
+
+    First the exact top k inside the row's own cell, whose k-th similarity becomes the row's bar; in the
+    other probed cells only entries above that bar are kept (few), and one sort merges everything. One
+    top-k per row rather than per (row, cell) pair: torch's top-k costs microseconds per row, whatever its
+    length, and that would dominate.
+    """
+    n = unit.shape[0]
+    cells = max(1, n // CELL_SIZE)
+    probes = min(PROBES, cells)
+    probe = _closest_cells(unit, _spherical_kmeans(unit, cells, seed), probes)
+    members, member_start, member_size = _grouped(probe[:, 0], cells)
+    bar = torch.full((n,), -torch.inf)
+    found: list[tuple[Tensor, Tensor, Tensor]] = []
+    for cell in range(cells):
+        size = member_size[cell]
+        kk = min(k, size - 1)
+        if kk < 1:
+            continue
+        inside = members[member_start[cell]:member_start[cell] + size]
+        for lo, hi in _row_blocks(size, size):
+            sims = unit[inside[lo:hi]] @ unit[inside].t()
+            sims[torch.arange(hi - lo), torch.arange(lo, hi)] = -torch.inf
+            sim, pick = sims.topk(kk, dim=1)
+            found.append((inside[lo:hi].repeat_interleave(kk), inside[pick.reshape(-1)], sim.reshape(-1)))
+            if kk == k:
+                bar[inside[lo:hi]] = sim[:, -1]
+    if probes > 1:
+        queries, query_start, query_size = _grouped(probe[:, 1:].reshape(-1), cells)
+        for cell in range(cells):
+            size, count = member_size[cell], query_size[cell]
+            if size == 0 or count == 0:
+                continue
+            inside = members[member_start[cell]:member_start[cell] + size]
+            rows_all = queries[query_start[cell]:query_start[cell] + count] // (probes - 1)
+            for lo, hi in _row_blocks(count, size):
+                rows = rows_all[lo:hi]
+                sims = unit[rows] @ unit[inside].t()
+                r, c = (sims > bar[rows].unsqueeze(1)).nonzero(as_tuple=True)
+                found.append((rows[r], inside[c], sims[r, c]))
+    return _top_per_row(n, k, *(torch.cat(parts) for parts in zip(*found)))
+
+
+def _descending_key(sim: Tensor) -> Tensor:
+    """int64 in [0, 2^32) that sorts ascending as float32 `sim` sorts descending (exact, no rounding)."""
+    bits = sim.float().view(torch.int32).long()
+    ascending = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
+    return (1 << 32) - 1 - ascending
+
+
+def _top_per_row(n: int, k: int, row: Tensor, col: Tensor, sim: Tensor) -> tuple[Tensor, Tensor]:
+    """The k best (col, sim) entries of every row from a flat list; short rows padded with self, -inf."""
+    order = torch.argsort((row << 32) | _descending_key(sim), stable=True)  # by row, then best first
+    row, col, sim = row[order], col[order], sim[order]
+    sizes = torch.bincount(row, minlength=n)
+    rank = torch.arange(row.numel()) - (torch.cumsum(sizes, 0) - sizes)[row]
+    keep = (rank < k).nonzero().squeeze(1)
+    row, rank = row[keep], rank[keep]
+    idx = torch.arange(n).unsqueeze(1).repeat(1, k)
+    best = torch.full((n, k), -torch.inf)
+    idx[row, rank] = col[keep]
+    best[row, rank] = sim[keep]
+    return idx, best
+
+
+def _neighbours(unit: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
+    """k neighbour candidates per row, best first; missing entries point to the row itself with -inf."""
+    if unit.shape[0] <= EXACT_NEIGHBOURS_MAX:
+        return _exact_neighbours(unit, k)
+    return _approximate_neighbours(unit, k, seed)
+
+
+# ---------------------------------------------------------------------------------- fast: edge matching
+
+
+class _Fragments:
+    """Path fragments under construction: two neighbour slots per node and a union-find over fragments."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.parent = list(range(n))
+        self.left = [-1] * n
+        self.right = [-1] * n
+        self.edges = 0
+
+    def root(self, v: int) -> int:
+        parent = self.parent
+        while parent[v] != v:
+            parent[v] = parent[parent[v]]
+            v = parent[v]
+        return v
+
+    def add_best(self, a: Tensor, c: Tensor, sim: Tensor) -> int:
+        """Greedy edge matching: scan edges by decreasing similarity, keep those that extend two path ends."""
+        a, c, sim = _unique_edges(a, c, sim, self.n)
+        order = torch.argsort(sim, descending=True, stable=True)
+        left, right, added = self.left, self.right, 0
+        for u, v in zip(a[order].tolist(), c[order].tolist()):
+            if right[u] >= 0 or right[v] >= 0:
+                continue
+            ru, rv = self.root(u), self.root(v)
+            if ru == rv:
+                continue
+            self.parent[ru] = rv
+            for x, y in ((u, v), (v, u)):
+                if left[x] < 0:
+                    left[x] = y
+                else:
+                    right[x] = y
+            added += 1
+        self.edges += added
+        return added
+
+    def ends(self) -> Tensor:
+        """Nodes with fewer than two neighbours (a lone node is both ends of its fragment)."""
+        return torch.tensor([v for v in range(self.n) if self.right[v] < 0], dtype=torch.long)
+
+    def paths(self) -> list[list[int]]:
+        """Every fragment as a node list, each walked from its lower-index end, in order of that end."""
+        seen = bytearray(self.n)
+        out = []
+        for v in range(self.n):
+            if seen[v] or self.right[v] >= 0:
+                continue
+            path, prev, cur = [], -1, v
+            while cur >= 0:
+                path.append(cur)
+                seen[cur] = 1
+                nxt = self.left[cur] if self.left[cur] != prev else self.right[cur]
+                prev, cur = cur, nxt
+            out.append(path)
+        return out
+
+
+def _unique_edges(a: Tensor, c: Tensor, sim: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Drop self loops and the second copy of edges listed from both ends."""
+    keep = a != c
+    a, c, sim = a[keep], c[keep], sim[keep]
+    key = torch.minimum(a, c) * n + torch.maximum(a, c)
+    _, first = np.unique(key.numpy(), return_index=True)
+    first = torch.from_numpy(np.sort(first))
+    return a[first], c[first], sim[first]
+
+
+def _matching_path(unit: Tensor, idx: Tensor, sim: Tensor, seed: int) -> Tensor:
+    """A chain by greedy edge matching over the neighbour lists, fragments joined level by level."""
+    n, k = idx.shape
+    frags = _Fragments(n)
+    frags.add_best(torch.arange(n).repeat_interleave(k), idx.reshape(-1), sim.reshape(-1))
+    while frags.edges < n - 1:
+        ends = frags.ends()
+        end_idx, end_sim = _neighbours(unit[ends], k, seed)
+        kk = end_idx.shape[1]
+        if frags.add_best(ends.repeat_interleave(kk), ends[end_idx.reshape(-1)], end_sim.reshape(-1)) == 0:
+            break  # cannot happen with exact lists; concatenating what is left is then the fallback
+    return torch.tensor([v for path in frags.paths() for v in path], dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------- fast: refinement
+
+
+class _Cycle:
+    """The chain closed into a cycle through a sentinel node of zero vector (similarity 0 to all), so the
+    chain's two free ends need no special case in the moves."""
+
+    def __init__(self, unit: Tensor, order: Tensor):
+        n = unit.shape[0]
+        self.sentinel = n
+        self.vec = torch.cat([unit, unit.new_zeros(1, unit.shape[1])])
+        self.np_vec = self.vec.numpy()
+        self.ring = np.concatenate([[n], order.numpy()]).astype(np.int64)
+        self.size = n + 1
+        self.pos = np.empty(self.size, dtype=np.int64)
+        self.pos[self.ring] = np.arange(self.size)
+
+    def chain(self) -> Tensor:
+        s = int(self.pos[self.sentinel])
+        return torch.from_numpy(np.concatenate([self.ring[s + 1:], self.ring[:s]]).copy())
+
+    def dots(self, a: Tensor, b: Tensor) -> Tensor:
+        return (self.vec[a] * self.vec[b]).sum(-1)
+
+    def dot(self, a: int, b: int) -> float:
+        return float(self.np_vec[a] @ self.np_vec[b])
+
+    def succ(self) -> Tensor:
+        nxt = np.empty(self.size, dtype=np.int64)
+        nxt[self.ring] = np.roll(self.ring, -1)
+        return torch.from_numpy(nxt)
+
+    def reverse(self, i: int, j: int) -> None:
+        """Reverse the ring from position i to j (inclusive, forward, wrapping); the shorter side is flipped,
+        which is the same cycle."""
+        length = (j - i) % self.size + 1
+        if 2 * length > self.size:
+            i, j, length = (j + 1) % self.size, (i - 1) % self.size, self.size - length
+        spots = (i + np.arange(length)) % self.size
+        nodes = self.ring[spots][::-1]
+        self.ring[spots] = nodes
+        self.pos[nodes] = spots
+
+
+def _two_opt_round(cyc: _Cycle, idx: Tensor) -> int:
+    """One round of 2-opt over neighbour pairs (a, c): replace edges (a, a+), (c, c+) by (a, c), (a+, c+)
+    (or the same with predecessors). Candidates are scored at once, then applied best first, each
+    re-scored on the current cycle and applied only on a strict gain."""
+    n, k = idx.shape
+    a = torch.arange(n).repeat_interleave(k)
+    c = idx.reshape(-1)
+    keep = a != c
+    a, c = a[keep], c[keep]
+    ring, pos, size = torch.from_numpy(cyc.ring), torch.from_numpy(cyc.pos), cyc.size
+    pa, pc = pos[a], pos[c]
+    new_ac = cyc.dots(a, c)
+    gains = []
+    for shift in (1, -1):
+        an, cn = ring[(pa + shift) % size], ring[(pc + shift) % size]
+        gains.append(new_ac + cyc.dots(an, cn) - cyc.dots(a, an) - cyc.dots(c, cn))
+    gain = torch.cat(gains)
+    pick = (gain > _GAIN_EPS).nonzero().squeeze(1)
+    pick = pick[torch.argsort(gain[pick], descending=True, stable=True)]
+    m = a.numel()
+    a_list, c_list = a.tolist(), c.tolist()
+    applied = 0
+    for flat in pick.tolist():
+        shift = 1 if flat < m else -1
+        u, v = a_list[flat % m], c_list[flat % m]
+        pu, pv = int(cyc.pos[u]), int(cyc.pos[v])
+        un, vn = int(cyc.ring[(pu + shift) % size]), int(cyc.ring[(pv + shift) % size])
+        if un == v or vn == u:
+            continue
+        if cyc.dot(u, v) + cyc.dot(un, vn) - cyc.dot(u, un) - cyc.dot(v, vn) <= _GAIN_EPS:
+            continue
+        if shift == 1:
+            cyc.reverse((pu + 1) % size, pv)  # u, [u+ .. v], v+  ->  u, v .. u+, v+
+        else:
+            cyc.reverse(pu, (pv - 1) % size)  # u-, [u .. v-], v  ->  u-, v- .. u, v
+        applied += 1
+    return applied
+
+
+def _or_opt_round(cyc: _Cycle, idx: Tensor) -> tuple[int, Tensor]:
+    """One round of Or-opt: move a run of 1-3 nodes between a neighbour u of one of its ends and u's
+    successor or predecessor, in whichever orientation puts that end next to u. Candidates are scored at
+    once and applied best first; a candidate is skipped once any node it involves has moved this round,
+    which keeps every applied gain exact."""
+    n, k = idx.shape
+    s = cyc.sentinel
+    nxt = cyc.succ()
+    prv = torch.empty_like(nxt)
+    prv[nxt] = torch.arange(cyc.size)
+    edge = cyc.dots(torch.arange(cyc.size), nxt)  # edge[v] = sim(v, nxt[v])
+    t = torch.arange(n)
+    moves = []
+    for forward, length in ((True, 1), (True, 2), (True, 3), (False, 2), (False, 3)):
+        step, back = (nxt, prv) if forward else (prv, nxt)
+        run = [t]
+        for _ in range(length - 1):
+            run.append(step[run[-1]])
+        run_t = torch.stack(run, 1)
+        end, before = run[-1], back[t]
+        after = step[end]
+        ok = ~(run_t[:, 1:] == s).any(1) & (after != t) & (before != end)
+        cut = cyc.dots(before, after) - (edge[before] if forward else edge[t]) - (edge[end] if forward else edge[after])
+        for side in (0, 1):
+            w = nxt[idx] if side == 0 else prv[idx]
+            old = edge[idx] if side == 0 else edge[w]
+            gain = cut[:, None] + cyc.dots(idx, t[:, None]) + cyc.dots(end[:, None], w) - old
+            bad = (run_t[:, None, :] == idx[:, :, None]).any(2) | (run_t[:, None, :] == w[:, :, None]).any(2)
+            bad |= ~ok[:, None] | (idx == t[:, None])
+            gain = gain.masked_fill(bad, -1.0)
+            rows, cols = (gain > _GAIN_EPS).nonzero(as_tuple=True)
+            if rows.numel():
+                moves.append((gain[rows, cols], rows, idx[rows, cols], length, forward, side))
+    if not moves:
+        return 0, cyc.chain()
+    gain = torch.cat([m[0] for m in moves])
+    meta = [(m[3], m[4], m[5]) for m in moves for _ in range(m[0].numel())]
+    heads = torch.cat([m[1] for m in moves]).tolist()
+    targets = torch.cat([m[2] for m in moves]).tolist()
+    nx, pv = nxt.tolist(), prv.tolist()
+    moved = bytearray(cyc.size)
+    applied = 0
+    for flat in torch.argsort(gain, descending=True, stable=True).tolist():
+        length, forward, side = meta[flat]
+        head, u = heads[flat], targets[flat]
+        step, back = (nx, pv) if forward else (pv, nx)
+        run = [head]
+        for _ in range(length - 1):
+            run.append(step[run[-1]])
+        before, after = back[head], step[run[-1]]
+        w = nx[u] if side == 0 else pv[u]
+        if moved[before] or moved[after] or moved[u] or moved[w] or any(moved[v] for v in run):
+            continue
+        lo, hi = (before, after) if forward else (after, before)
+        nx[lo], pv[hi] = hi, lo
+        path = [u, *run, w] if side == 0 else [w, *run[::-1], u]
+        for x, y in zip(path[:-1], path[1:]):
+            nx[x], pv[y] = y, x
+        for v in (before, after, *path):
+            moved[v] = 1
+        applied += 1
+    order, v = [], nx[s]
+    while v != s:
+        order.append(v)
+        v = nx[v]
+    return applied, torch.tensor(order, dtype=torch.long)
+
+
+def _refine(unit: Tensor, order: Tensor, idx: Tensor, two_opt_rounds: int, or_opt_rounds: int) -> Tensor:
+    """2-opt rounds, then Or-opt rounds; every applied move strictly raises the chain's total similarity."""
+    if unit.shape[0] < 4:
+        return order
+    cyc = _Cycle(unit, order)
+    for _ in range(two_opt_rounds):
+        if _two_opt_round(cyc, idx) == 0:
+            break
+    order = cyc.chain()
+    for _ in range(or_opt_rounds):
+        applied, order = _or_opt_round(_Cycle(unit, order), idx)
+        if applied == 0:
+            break
+    return order
+
+
+def fast_chain(vectors: Tensor, seed: int = 0, neighbours: int = NEIGHBOURS,
+               two_opt_rounds: int = TWO_OPT_ROUNDS, or_opt_rounds: int = OR_OPT_ROUNDS) -> Tensor:
+    """A high-similarity chain through all vectors in near-linear time (see the module docstring)."""
+    unit = _unit_rows(vectors)
+    nonzero = unit.abs().sum(1) > 0
+    live, zero = nonzero.nonzero().squeeze(1), (~nonzero).nonzero().squeeze(1)
+    if live.numel() <= 2:
+        return torch.cat([live, zero])
+    sub = unit[live]
+    with _single_thread():
+        idx, sim = _neighbours(sub, neighbours, seed)
+        order = _matching_path(sub, idx, sim, seed)
+        order = _refine(sub, order, idx[:, : max(1, neighbours // 2)], two_opt_rounds, or_opt_rounds)
+    return torch.cat([live[order], zero])  # zero kernels (cosine 0 to all) cost least as one block at the end
+
+
+# ------------------------------------------------------------------------------------ layer permutations
+
+
+def identity_permutation(cout: int, cin: int) -> Tensor:
+    return torch.arange(cout * cin, dtype=torch.long)
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise NernError(f"unknown permutation method '{method}'; choose one of {', '.join(METHODS)}")
+
+
+def crossfilter_chain(weight: Tensor, method: str = "auto", seed: int = 0) -> Tensor:
+    """The chain over all Cout*Cin kernels of a layer by the chosen method (see the module docstring)."""
+    _check_method(method)
+    kernels = _kernels(weight)
+    if method == "greedy":
+        return greedy_chain(kernels)
+    fast = fast_chain(kernels, seed=seed)
+    if method == "fast" or kernels.shape[0] > AUTO_EXACT_MAX:
+        return fast
+    exact = greedy_chain(kernels)
+    return fast if chain_quality(kernels, fast) > chain_quality(kernels, exact) else exact
+
+
+def crossfilter_permutation(weight: Tensor, method: str = "auto", seed: int = 0) -> Tensor:
+    """position[chain[t]] = t: the t-th kernel of the chain takes grid slot t."""
+    chain = crossfilter_chain(weight, method, seed)
+    position = torch.empty_like(chain)
+    position[chain] = torch.arange(chain.numel())
+    return position
+
+
+def infilter_permutation(weight: Tensor) -> Tensor:
+    """Channels ranked by a greedy chain inside each filter, filters by a greedy chain over those ranks."""
+    cout, cin = weight.shape[0], weight.shape[1]
+    unit = _unit_rows(_kernels(weight)).reshape(cout, cin, -1)
+    channel_order = _batched_greedy_orders(unit)  # [Cout, Cin]: channel at rank r of filter f
+    ranked = unit.gather(1, channel_order.unsqueeze(2).expand_as(unit)).reshape(cout, -1)
+    filter_order = _greedy_order(ranked)  # dot of ranked rows = sum_r cos(W[f, pi_f(r)], W[g, pi_g(r)])
+    channel_rank = torch.empty_like(channel_order)
+    channel_rank.scatter_(1, channel_order, torch.arange(cin).expand(cout, cin).contiguous())
+    filter_rank = torch.empty(cout, dtype=torch.long)
+    filter_rank[filter_order] = torch.arange(cout)
+    return (filter_rank.unsqueeze(1) * cin + channel_rank).reshape(-1)
+
+
+def layer_permutation(weight: Tensor, mode: Mode, method: str = "auto") -> Tensor:
+    """The position vector of one layer for a permutation mode."""
+    _check_method(method)
+    if mode == "none":
+        return identity_permutation(weight.shape[0], weight.shape[1])
+    if mode == "infilter":
+        return infilter_permutation(weight)
+    if mode == "crossfilter":
+        return crossfilter_permutation(weight, method)
+    raise NernError(f"unknown permutation mode '{mode}'; choose one of {', '.join(MODES)}")
+
+
+def compute_permutations(weights: Sequence[Tensor], mode: Mode, method: str = "auto",
+                         progress: bool = True) -> list[Tensor]:
+    """One position vector per represented layer, in discovery order."""
+    from tqdm import tqdm
+
+    if mode not in MODES:
+        raise NernError(f"unknown permutation mode '{mode}'; choose one of {', '.join(MODES)}")
+    _check_method(method)
+    bar = tqdm(weights, desc=f"permute ({mode})", unit="layer", disable=not progress)
+    return [layer_permutation(w, mode, method) for w in bar]
+
+
+# -------------------------------------------------------------------------------------------- storage
+
+
+def _storage_dtype(size: int) -> torch.dtype:
+    """int16 holds positions 0..32767; larger layers need int32."""
+    return torch.int16 if size <= 1 << 15 else torch.int32
+
+
+def permutation_bytes(perms: Sequence[Tensor]) -> int:
+    """Bytes the positions take on disk (what decoding needs besides the predictor)."""
+    return sum(p.numel() * torch.empty(0, dtype=_storage_dtype(p.numel())).element_size() for p in perms)
+
+
+def is_bijection(position: Tensor, size: int) -> bool:
+    """Whether `position` holds every slot 0..size-1 exactly once."""
+    if position.dim() != 1 or position.numel() != size:
+        return False
+    if size == 0:
+        return True
+    pos = position.long()
+    if int(pos.min()) < 0 or int(pos.max()) >= size:
+        return False
+    return bool((torch.bincount(pos, minlength=size) == 1).all())
+
+
+def save_permutations(path: str | Path, perms: Sequence[Tensor], metadata: dict[str, Any]) -> None:
+    """Write positions as `layer.{i}` (int16 when it fits, else int32) with `mode` and `shapes` metadata."""
+    shapes = metadata.get("shapes")
+    if "mode" not in metadata or shapes is None or len(shapes) != len(perms):
+        raise ValueError("metadata needs 'mode' and one [Cout, Cin] in 'shapes' per permutation")
+    for i, (p, (cout, cin)) in enumerate(zip(perms, shapes, strict=True)):
+        if not is_bijection(p, cout * cin):
+            raise ValueError(f"permutation {i} is not a bijection of range({cout}*{cin})")
+    meta = {**metadata, "num_layers": len(perms), "shapes": [[int(a), int(b)] for a, b in shapes]}
+    tensors = {f"layer.{i}": p.to(_storage_dtype(p.numel())) for i, p in enumerate(perms)}
+    save_tensors(path, tensors, meta)
+
+
+def _shape_text(shape: tuple[int, ...] | None) -> str:
+    return "no layer" if shape is None else "x".join(str(v) for v in shape)
+
+
+def load_permutations(path: str | Path, expected_shapes: Sequence[tuple[int, int]] | None = None
+                      ) -> tuple[list[Tensor], dict[str, Any]]:
+    """Read and check a permutation file; a file that does not fit the model is a user error."""
+    tensors, meta = load_tensors(path)
+    shapes = [tuple(s) for s in meta.get("shapes", [])]
+    count = meta.get("num_layers", len(shapes))
+    names = meta.get("layers") or [f"layer {i}" for i in range(count)]
+    fix = "recompute it with `nern permute` for this model"
+    if len(shapes) != count or any(f"layer.{i}" not in tensors for i in range(count)):
+        raise NernError(f"{path} is not a complete permutation file; {fix}")
+    if expected_shapes is not None:
+        expected = [tuple(int(v) for v in s) for s in expected_shapes]
+        for i in range(max(len(expected), count)):
+            got = shapes[i] if i < count else None
+            want = expected[i] if i < len(expected) else None
+            if got != want:
+                name = names[i] if i < len(names) else f"layer {i}"
+                raise NernError(f"{path} does not match the model at {name} (file {_shape_text(got)}, "
+                                f"model {_shape_text(want)}); {fix}")
+    perms = []
+    for i, (cout, cin) in enumerate(shapes):
+        position = tensors[f"layer.{i}"].long()
+        if not is_bijection(position, cout * cin):
+            raise NernError(f"{path}: the permutation of {names[i]} is not a bijection of its "
+                            f"{cout}x{cin} kernels; {fix}")
+        perms.append(position)
+    return perms, meta

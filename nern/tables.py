@@ -1,0 +1,468 @@
+"""The paper's tables and figures, aggregated from run outputs only: `nern tables`.
+
+The pipeline writes a manifest (which run fills which row of which table, from the preset's config); every
+number here is read from the runs' own files: `metrics.json`, `curves.csv`, and the resolved config stored
+in `predictor.safetensors`. Published numbers (config/published.yaml) are shown beside ours as references,
+in columns marked `paper`, never mixed into ours.
+
+Tables (each as CSV, Markdown and LaTeX): `main` (per task and network: original accuracy and, per
+permutation mode and predictor size, the reconstructed accuracy, predictor size and size ratio),
+`regularisation`, `ablation_<group>` and `data_free`. Figures: reconstructed accuracy against predictor size
+per permutation mode, and training curves per network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from nern.artifacts import atomic_path, read_json, read_metadata
+from nern.errors import NernError
+
+PERMUTATION_ORDER = ("none", "infilter", "crossfilter")
+PERMUTATION_COLOURS = {"none": "tab:blue", "infilter": "tab:orange", "crossfilter": "tab:green"}
+PRESET_STYLES = ("-", "--", ":", "-.")
+MISSING_MD = "–"
+MISSING_TEX = "--"
+
+# -- inputs ------------------------------------------------------------------------------------------------
+
+
+def read_yaml_file(path: str | Path, what: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise NernError(f"{what} {path} not found; run the pipeline (snakemake) that writes it")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise NernError(f"{what} {path} must hold a YAML mapping")
+    return data
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    manifest = read_yaml_file(path, "manifest")
+    for key in ("preset", "networks", "rows"):
+        if key not in manifest:
+            raise NernError(f"manifest {path} has no '{key}'; regenerate it with the pipeline's manifest rule")
+    return manifest
+
+
+def load_published(path: str | Path | None) -> dict[str, Any]:
+    """Published reference numbers by network key ({} without a file)."""
+    if path is None:
+        return {}
+    return read_yaml_file(path, "published-numbers file").get("networks", {})
+
+
+def run_metrics(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise NernError(f"{path} not found: the fit did not finish; rerun the pipeline to complete it")
+    return read_json(path)
+
+
+def resolved_config(run_dir: str | Path) -> dict[str, Any]:
+    """The flattened FitConfig a fit actually ran with (stored in its predictor file), {} if unavailable."""
+    path = Path(run_dir) / "predictor.safetensors"
+    if not path.is_file():
+        return {}
+    return flatten(read_metadata(path).get("config", {}))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def load_rows(manifest: dict[str, Any]) -> pd.DataFrame:
+    """One frame row per manifest row, joined with the metrics of the run that fills it."""
+    records = []
+    cache: dict[str, dict[str, Any]] = {}
+    for row in manifest["rows"]:
+        if row["dir"] not in cache:
+            cache[row["dir"]] = run_metrics(row["dir"])
+        metrics = cache[row["dir"]]
+        records.append({
+            **row,
+            "original_top1": metrics.get("original_top1"),
+            "reconstructed_top1": metrics.get("reconstructed_top1"),
+            "predictor_params": metrics.get("predictor_params"),
+            "size_ratio": metrics.get("size_ratio"),
+            "rec_rmse": metrics.get("rec_rmse"),
+            "iterations": metrics.get("iterations"),
+        })
+    if not records:
+        raise NernError("the manifest lists no runs; add a grid to the preset's networks")
+    return pd.DataFrame.from_records(records)
+
+
+# -- tables ------------------------------------------------------------------------------------------------
+
+
+def _published_value(published: dict[str, Any], key: str | None, *path: Any) -> float | None:
+    node: Any = published.get(key) if key else None
+    for part in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part, node.get(str(part)))
+    return float(node) if isinstance(node, (int, float)) else None
+
+
+def _sorted(df: pd.DataFrame, extra: list[str]) -> pd.DataFrame:
+    order = {name: i for i, name in enumerate(PERMUTATION_ORDER)}
+    network_order = {name: i for i, name in enumerate(dict.fromkeys(df["network"]))}
+    keyed = df.assign(_net=df["network"].map(network_order), _perm=df["permutation"].map(order),
+                      _s=df["smoothness"].fillna(-1.0))
+    return keyed.sort_values(["_net", "_s", *extra], kind="stable").drop(columns=["_net", "_perm", "_s"])
+
+
+def main_table(rows: pd.DataFrame, published: dict[str, Any]) -> pd.DataFrame:
+    """Per task and network: original accuracy; per permutation and h: accuracy, predictor size and ratio."""
+    main = _sorted(rows[rows["group"] == "main"], ["_perm", "hidden"])
+    table = pd.DataFrame({
+        "task": main["task"],
+        "model": main["arch"],
+        "smoothness": main["smoothness"],
+        "original top-1": main["original_top1"],
+        "permutation": main["permutation"],
+        "h": main["hidden"],
+        "fit preset": main["fit_preset"],
+        "predictor params": main["predictor_params"],
+        "size ratio": main["size_ratio"],
+        "top-1": main["reconstructed_top1"],
+        "Δ top-1": main["reconstructed_top1"] - main["original_top1"],
+    })
+    if main["published"].notna().any():
+        keys = main["published"].tolist()
+        table["paper original top-1"] = [_published_value(published, k, "original_top1") for k in keys]
+        table["paper top-1"] = [_published_value(published, k, "nern_top1", p, int(h))
+                                for k, p, h in zip(keys, main["permutation"], main["hidden"])]
+        table["paper size ratio"] = [_published_value(published, k, "size_ratio", int(h))
+                                     for k, h in zip(keys, main["hidden"])]
+    return table.reset_index(drop=True)
+
+
+def regularisation_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Originals pretrained with each smoothness factor, and NeRN fitted to them."""
+    reg = _sorted(rows[rows["group"] == "regularisation"], ["_perm", "hidden"])
+    return pd.DataFrame({
+        "task": reg["task"],
+        "model": reg["arch"],
+        "smoothness": reg["smoothness"],
+        "original top-1": reg["original_top1"],
+        "permutation": reg["permutation"],
+        "h": reg["hidden"],
+        "top-1": reg["reconstructed_top1"],
+        "Δ top-1": reg["reconstructed_top1"] - reg["original_top1"],
+        "rec RMSE": reg["rec_rmse"],
+    }).reset_index(drop=True)
+
+
+def ablation_table(rows: pd.DataFrame, group: str,
+                   config_of: Callable[[str], dict[str, Any]] = resolved_config) -> pd.DataFrame:
+    """One row per variant at the reference point; the varied settings as each fit resolved them."""
+    ab = rows[rows["group"] == group]
+    varied = sorted({key for overrides in ab["overrides"] for key in (overrides or {})})
+    table = pd.DataFrame({
+        "task": ab["task"],
+        "model": ab["arch"],
+        "fit preset": ab["fit_preset"],
+        "permutation": ab["permutation"],
+        "h": ab["hidden"],
+        "variant": ab["label"],
+    })
+    for key in varied:
+        values = []
+        for run_dir, overrides in zip(ab["dir"], ab["overrides"]):
+            resolved = config_of(run_dir)
+            values.append(resolved.get(key, (overrides or {}).get(key)))
+        table[key] = [_cell(v) for v in values]
+    table["original top-1"] = ab["original_top1"]
+    table["top-1"] = ab["reconstructed_top1"]
+    table["Δ top-1"] = ab["reconstructed_top1"] - ab["original_top1"]
+    table["rec RMSE"] = ab["rec_rmse"]
+    return table.reset_index(drop=True)
+
+
+def _cell(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str)) or value is None else str(value)
+
+
+def data_free_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Data-free fits beside the same fits with task images."""
+    free = rows[rows["group"] == "data_free"]
+    keys = ["network", "task", "arch", "fit_preset", "original", "permutation", "hidden"]
+    out = []
+    for key, part in free.groupby(keys, sort=False):
+        by_label = {label: r for label, r in zip(part["label"], part.to_dict("records"))}
+        data, noise = by_label.get("task data"), by_label.get("data-free")
+        first = part.iloc[0]
+        out.append({
+            "task": first["task"], "model": first["arch"], "fit preset": first["fit_preset"],
+            "permutation": first["permutation"], "h": first["hidden"],
+            "original top-1": first["original_top1"],
+            "top-1 (task data)": data["reconstructed_top1"] if data else None,
+            "top-1 (data-free)": noise["reconstructed_top1"] if noise else None,
+        })
+    table = pd.DataFrame(out)
+    if not table.empty:
+        table["Δ data-free"] = table["top-1 (data-free)"] - table["top-1 (task data)"]
+    return table
+
+
+def build_tables(rows: pd.DataFrame, published: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """Every table the manifest asks for, in the manifest's order."""
+    tables: dict[str, pd.DataFrame] = {}
+    for group in dict.fromkeys(rows["group"]):
+        if group == "main":
+            tables[group] = main_table(rows, published)
+        elif group == "regularisation":
+            tables[group] = regularisation_table(rows)
+        elif group.startswith("ablation_"):
+            tables[group] = ablation_table(rows, group)
+        elif group == "data_free":
+            tables[group] = data_free_table(rows)
+        else:
+            raise NernError(f"manifest table group '{group}' is unknown; use main, regularisation, "
+                            "ablation_<name> or data_free")
+    return tables
+
+
+# -- formatting --------------------------------------------------------------------------------------------
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def format_cell(column: str, value: Any) -> str:
+    """Accuracies to 2 decimals, ratios to 3, RMSE to 4 significant digits, counts as integers."""
+    if _is_missing(value):
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if column.startswith("Δ"):
+            return f"{value:+.2f}"
+        if "top-1" in column:
+            return f"{value:.2f}"
+        if "ratio" in column:
+            return f"{value:.3f}"
+        if "RMSE" in column:
+            return f"{value:.4g}"
+        if column == "smoothness" or "." in column:
+            return f"{value:g}"
+        if float(value).is_integer():
+            return f"{int(value):,}" if column == "predictor params" else str(int(value))
+        return f"{value:g}"
+    return str(value)
+
+
+def formatted(table: pd.DataFrame) -> list[list[str]]:
+    return [[format_cell(col, value) for col, value in zip(table.columns, row)]
+            for row in table.itertuples(index=False, name=None)]
+
+
+def _numeric(table: pd.DataFrame, column: str) -> bool:
+    values = [v for v in table[column] if not _is_missing(v)]
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    cells = [[c or MISSING_MD for c in row] for row in formatted(table)]
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---:" if _numeric(table, c) else "---" for c in table.columns) + "|"
+    body = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "Δ": r"$\Delta$",
+                "–": "--"}
+
+
+def tex_escape(text: str) -> str:
+    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
+
+
+def to_latex(table: pd.DataFrame, caption: str) -> str:
+    """A booktabs tabular inside a table float."""
+    align = "".join("r" if _numeric(table, c) else "l" for c in table.columns)
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{tex_escape(caption)}}}",
+             rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+             " & ".join(tex_escape(str(c)) for c in table.columns) + r" \\", r"\midrule"]
+    for row in formatted(table):
+        lines.append(" & ".join(tex_escape(c) if c else MISSING_TEX for c in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_table(table: pd.DataFrame, directory: str | Path, name: str, caption: str) -> list[Path]:
+    """`name`.csv (raw values), `name`.md and `name`.tex (formatted) in `directory`."""
+    directory = Path(directory)
+    paths = [directory / f"{name}.csv", directory / f"{name}.md", directory / f"{name}.tex"]
+    with atomic_path(paths[0]) as tmp:
+        table.to_csv(tmp, index=False)
+    _write_text(paths[1], f"**{caption}**\n\n" + to_markdown(table))
+    _write_text(paths[2], to_latex(table, caption))
+    return paths
+
+
+def table_caption(preset: str, name: str) -> str:
+    if name == "main":
+        return f"NeRN reconstruction accuracy by predictor size and permutation ({preset})"
+    if name == "regularisation":
+        return f"Smoothness regularisation of the original network ({preset})"
+    if name == "data_free":
+        return f"Data-free NeRN ({preset})"
+    return f"Ablation: {name.removeprefix('ablation_').replace('_', ' ')} ({preset})"
+
+
+# -- figures -----------------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> None:
+    plt = _pyplot()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_size(rows: pd.DataFrame, published: dict[str, Any], path: str | Path) -> None:
+    """Per network: reconstructed top-1 against size ratio, one line per permutation mode and fit preset."""
+    plt = _pyplot()
+    main = rows[rows["group"] == "main"]
+    networks = list(dict.fromkeys(main["network"]))
+    fig, axes = plt.subplots(1, len(networks), figsize=(5.2 * len(networks), 3.8), squeeze=False)
+    for ax, network in zip(axes[0], networks):
+        part = main[main["network"] == network]
+        presets = list(dict.fromkeys(part["fit_preset"]))
+        several_originals = part["original"].nunique() > 1
+        for (preset, original, perm), line in part.groupby(["fit_preset", "original", "permutation"], sort=False):
+            line = line.sort_values("size_ratio")
+            label = f"{perm} ({preset}{', ' + original if several_originals else ''})"
+            ax.plot(line["size_ratio"], line["reconstructed_top1"], marker="o", label=label,
+                    color=PERMUTATION_COLOURS.get(perm), linestyle=PRESET_STYLES[presets.index(preset) % 4])
+        ax.axhline(float(part["original_top1"].iloc[0]), color="grey", linestyle="--", linewidth=1,
+                   label="original")
+        _plot_published(ax, published, part["published"].iloc[0])
+        ax.set_title(f"{part['task'].iloc[0]} {part['arch'].iloc[0]}")
+        ax.set_xlabel("predictor size / represented weights")
+        ax.set_ylabel("top-1 (%)")
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _plot_published(ax: Any, published: dict[str, Any], key: str | None) -> None:
+    entry = published.get(key) if key else None
+    if not entry:
+        return
+    ratios = entry.get("size_ratio", {})
+    for perm, points in (entry.get("nern_top1") or {}).items():
+        xs = [ratios.get(h) for h in points]
+        ys = list(points.values())
+        keep = [(x, y) for x, y in zip(xs, ys) if x is not None]
+        if keep:
+            ax.scatter(*zip(*keep), marker="x", color=PERMUTATION_COLOURS.get(perm), label=f"{perm} (paper)")
+
+
+def _read_curves(run_dir: str | Path) -> pd.DataFrame | None:
+    path = Path(run_dir) / "curves.csv"
+    if not path.is_file():
+        return None
+    return pd.read_csv(path)
+
+
+def plot_network_curves(rows: pd.DataFrame, network: str, path: str | Path) -> None:
+    """Loss and test accuracy against iteration for a network's main-grid fits."""
+    plt = _pyplot()
+    part = rows[(rows["group"] == "main") & (rows["network"] == network)]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for row in part.to_dict("records"):
+        curves = _read_curves(row["dir"])
+        if curves is None:
+            continue
+        label = f"{row['fit_preset']} {row['permutation']} h={row['hidden']}"
+        if row["smoothness"] not in (None, 0.0) and not _is_missing(row["smoothness"]):
+            label += f" s={row['smoothness']:g}"
+        if "loss" in curves and curves["loss"].notna().any():
+            loss = curves[["iteration", "loss"]].dropna()
+            ax_loss.plot(loss["iteration"], loss["loss"].clip(lower=1e-12), label=label, linewidth=1)
+        if "eval_test_top1" in curves and curves["eval_test_top1"].notna().any():
+            acc = curves[["iteration", "eval_test_top1"]].dropna()
+            ax_acc.plot(acc["iteration"], acc["eval_test_top1"], marker="o", markersize=3, label=label)
+    if not part.empty:
+        ax_acc.axhline(float(part["original_top1"].iloc[0]), color="grey", linestyle="--", linewidth=1,
+                       label="original")
+        fig.suptitle(f"{part['task'].iloc[0]} {part['arch'].iloc[0]}: NeRN training curves")
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("iteration")
+    ax_loss.set_title("training loss")
+    ax_acc.set_xlabel("iteration")
+    ax_acc.set_ylabel("test top-1 (%)")
+    ax_acc.set_title("reconstructed network")
+    for ax in (ax_loss, ax_acc):
+        if ax.lines:
+            ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+# -- the stage ---------------------------------------------------------------------------------------------
+
+
+def make_tables(manifest_path: str | Path, published_path: str | Path | None, tables_dir: str | Path,
+                figures_dir: str | Path) -> list[Path]:
+    """Write every table and figure of a manifest; returns the paths written."""
+    manifest = load_manifest(manifest_path)
+    published = load_published(published_path)
+    rows = load_rows(manifest)
+    written: list[Path] = []
+    for name, table in build_tables(rows, published).items():
+        written += write_table(table, tables_dir, name, table_caption(manifest["preset"], name))
+    figures = Path(figures_dir)
+    plot_accuracy_vs_size(rows, published, figures / "accuracy_vs_size.png")
+    written.append(figures / "accuracy_vs_size.png")
+    for network in manifest["networks"]:
+        path = figures / f"training_curves_{network['name']}.png"
+        plot_network_curves(rows, network["name"], path)
+        written.append(path)
+    return written
+
+
+def cmd_tables(args: argparse.Namespace) -> None:
+    written = make_tables(args.manifest, args.published, args.tables, args.figures)
+    print(f"[tables] {len(written)} files -> {args.tables}, {args.figures}")
+
+
+def register_cli(subparsers: Any, name: str) -> None:
+    p = subparsers.add_parser(name, help="aggregate run outputs into the paper's tables and figures")
+    p.add_argument("--manifest", required=True, help="manifest YAML written by the pipeline (rows -> run dirs)")
+    p.add_argument("--published", help="YAML of published reference numbers shown beside ours")
+    p.add_argument("--tables", required=True, help="output directory of the tables (.csv, .md, .tex)")
+    p.add_argument("--figures", required=True, help="output directory of the figures (.png)")
+    p.set_defaults(func=cmd_tables)

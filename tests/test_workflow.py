@@ -1,0 +1,207 @@
+"""The Snakemake pipeline itself: every preset's DAG, the tiny preset end to end (local and on Slurm).
+
+Snakemake runs as `<this interpreter> -m snakemake`, so its jobs (also inside Slurm) call the CLI with the
+interpreter that has `nern` installed. Every run is wrapped in `timeout -s INT`: a waiting Snakemake ignores
+SIGTERM.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "Snakefile"
+TEST_CONFIG = REPO / "config" / "test.yaml"
+TRACKED_RULES = ("import_weights", "pretrain", "fit", "fit_ablation", "fit_data_free")  # one MLflow run per job
+STAGE_RULES = {"manifest", "permute", "fit", "tables", "all"}
+
+
+def snakemake(args: list[str], cwd: Path, timeout_s: int) -> subprocess.CompletedProcess:
+    command = ["timeout", "-s", "INT", "-k", "30", str(timeout_s), sys.executable, "-m", "snakemake", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+
+
+def tail(done: subprocess.CompletedProcess, chars: int = 6000) -> str:
+    return f"exit {done.returncode}\n--- stdout\n{done.stdout[-chars:]}\n--- stderr\n{done.stderr[-chars:]}"
+
+
+def output(done: subprocess.CompletedProcess) -> str:
+    return done.stdout + done.stderr
+
+
+def job_counts(text: str) -> dict[str, int]:
+    """The 'Job stats' table Snakemake prints: {rule: count}."""
+    counts: dict[str, int] = {}
+    lines = text.splitlines()
+    for start, line in enumerate(lines):
+        if line.strip() == "Job stats:":
+            for row in lines[start + 3:]:
+                parts = row.split()
+                if len(parts) != 2 or not parts[1].isdigit():
+                    break
+                if parts[0] != "total":
+                    counts[parts[0]] = int(parts[1])
+            break
+    return counts
+
+
+def run_in(workdir: Path, configfile: Path, profile: str, timeout_s: int, *extra: str) -> subprocess.CompletedProcess:
+    # targets first: options such as --default-resources take several values and would swallow them
+    return snakemake(["all", "--snakefile", str(SNAKEFILE), "--directory", str(workdir), "--configfile",
+                      str(configfile), "--profile", str(REPO / "workflow" / "profiles" / profile), *extra],
+                     cwd=workdir, timeout_s=timeout_s)
+
+
+def finished_runs(workdir: Path, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r}"
+    return [r for r in client.search_runs([found.experiment_id], max_results=1000) if r.info.status == "FINISHED"]
+
+
+def check_outputs(workdir: Path, preset: str, counts: dict[str, int]) -> None:
+    """Every table has one row per manifest row of its group, with real accuracies; figures exist; MLflow
+    holds one finished run per pretrain/import/fit job, tagged with its rule."""
+    manifest = yaml.safe_load((workdir / "results" / preset / "manifest.yaml").read_text())
+    groups = pd.Series([row["group"] for row in manifest["rows"]]).value_counts()
+    tables = workdir / "results" / "tables" / preset
+    for group, rows in groups.items():
+        table = pd.read_csv(tables / f"{group}.csv")
+        assert (tables / f"{group}.md").read_text().count("\n| ") >= 1
+        assert (tables / f"{group}.tex").read_text().startswith(r"\begin{table}")
+        expected = rows // 2 if group == "data_free" else rows  # data-free pairs two fits per row
+        assert len(table) == expected, f"{group}: {len(table)} rows, manifest has {rows}"
+        for column in [c for c in table.columns if "top-1" in c and not c.startswith(("Δ", "paper"))]:
+            assert all(0.0 <= v <= 100.0 and math.isfinite(v) for v in table[column]), (group, column)
+    for figure in (workdir / "results" / "figures" / preset).glob("*.png"):
+        assert figure.read_bytes()[:4] == b"\x89PNG"
+    assert (workdir / "results" / "figures" / preset / "accuracy_vs_size.png").is_file()
+
+    runs = finished_runs(workdir, preset)
+    expected_runs = sum(counts.get(rule, 0) for rule in TRACKED_RULES)
+    assert len(runs) == expected_runs, f"{len(runs)} finished MLflow runs, {expected_runs} tracked jobs"
+    by_rule = pd.Series([r.data.tags.get("rule") for r in runs]).value_counts().to_dict()
+    assert by_rule == {rule: counts[rule] for rule in TRACKED_RULES if counts.get(rule)}
+    fit_run = next(r for r in runs if r.data.tags.get("rule") == "fit")
+    assert {"network", "permutation", "hidden", "fit_preset", "original"} <= set(fit_run.data.tags)
+    assert "reconstructed_top1" in fit_run.data.metrics and fit_run.data.params
+
+
+# -- every preset's DAG --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["config.yaml", "config/test.yaml", "config/paper.yaml",
+                                    "config/cifar10-public.yaml"])
+def test_every_preset_builds_its_whole_dag_offline(preset: str) -> None:
+    config = yaml.safe_load((REPO / preset).read_text())
+    for network in config["networks"]:
+        weights = network["original"].get("checkpoint") or ""
+        if weights and not weights.startswith("torchvision:") and not (REPO / weights).is_file():
+            pytest.skip(f"{preset} needs {weights}")
+    done = snakemake(["-n", "--forceall", "--nolock", "--configfile", preset], cwd=REPO, timeout_s=300)
+    assert done.returncode == 0, tail(done)
+    counts = job_counts(output(done))
+    print(f"{preset}: {counts}")
+    assert STAGE_RULES <= set(counts), counts
+    assert counts["tables"] == counts["manifest"] == counts["all"] == 1
+    if preset == "config/paper.yaml":
+        assert {"pretrain", "import_weights", "fit_ablation", "fit_data_free"} <= set(counts)
+        assert counts["fit"] >= 4 * 3 * 3  # four networks x three permutations x at least three sizes
+
+
+def test_a_config_typo_fails_before_any_job_naming_the_key(tmp_path: Path) -> None:
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    config["networks"][0]["grid"]["hiden"] = [16]
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(config))
+    done = snakemake(["-n", "--snakefile", str(SNAKEFILE), "--directory", str(tmp_path), "--configfile",
+                      str(tmp_path / "typo.yaml")], cwd=tmp_path, timeout_s=300)
+    assert done.returncode != 0
+    assert "hiden" in output(done)
+
+
+# -- end to end ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_preset_runs_end_to_end_locally(tmp_path: Path) -> None:
+    start = time.monotonic()
+    done = run_in(tmp_path, TEST_CONFIG, "local", 1500)
+    wall = time.monotonic() - start
+    assert done.returncode == 0, tail(done)
+    counts = job_counts(output(done))
+    print(f"local end-to-end run of config/test.yaml: {wall:.0f} s, jobs {counts}")
+    check_outputs(tmp_path, "test", counts)
+
+    # a rerun does nothing; a changed parameter reruns exactly the jobs it touches
+    again = run_in(tmp_path, TEST_CONFIG, "local", 300, "-n")
+    assert again.returncode == 0 and "Nothing to be done" in output(again), tail(again)
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    for group in config["networks"][0]["ablations"]:
+        for variant in group["variants"]:
+            if variant.get("set", {}).get("embedding.base"):
+                variant["set"]["embedding.base"] = 1.5
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(config))
+    changed = run_in(tmp_path, tmp_path / "changed.yaml", "local", 300, "-n")
+    assert changed.returncode == 0, tail(changed)
+    assert job_counts(output(changed)) == {"fit_ablation": 1, "manifest": 1, "tables": 1, "all": 1}
+
+    report = snakemake(["--snakefile", str(SNAKEFILE), "--directory", str(tmp_path), "--configfile",
+                        str(TEST_CONFIG), "--report", str(tmp_path / "report.html")], cwd=tmp_path, timeout_s=600)
+    assert report.returncode == 0, tail(report)
+    assert (tmp_path / "report.html").stat().st_size > 10_000
+
+
+def slurm_config(path: Path) -> Path:
+    """The tiny preset trimmed to one chain per stage, so the Slurm run stays short."""
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    config["name"] = "slurm"
+    network = config["networks"][0]
+    network["grid"]["permutations"] = ["none", "crossfilter"]
+    network["reference"] = {"permutation": "crossfilter"}
+    network.pop("regularisation", None)
+    network["ablations"] = []
+    network["data_free"] = {}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def slurm_job_states(text: str) -> list[str]:
+    """'<snakemake job> <slurm job id> <rule> <state>' for every job Snakemake submitted."""
+    submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", text)
+    rules = {job: rule for rule, job in re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    jobid: (\d+)$",
+                                                   text, re.M)}
+    lines = []
+    for job, slurm_id in submitted:
+        state = subprocess.run(["squeue", "-h", "--states=all", "-j", slurm_id, "-o", "%T"],
+                               capture_output=True, text=True).stdout.strip()
+        lines.append(f"SLURM job {slurm_id} (snakemake job {job}, rule {rules.get(job, '?')}): "
+                     f"{state or 'gone from squeue'}")
+    return lines
+
+
+@pytest.mark.slurm
+def test_tiny_preset_runs_on_a_real_slurm_cluster(slurm_cluster: str, tmp_path: Path) -> None:
+    configfile = slurm_config(tmp_path / "slurm.yaml")
+    start = time.monotonic()
+    done = run_in(tmp_path, configfile, "slurm-ci", 1200)
+    wall = time.monotonic() - start
+    states = slurm_job_states(output(done))
+    print(f"Slurm end-to-end run (partition {slurm_cluster}): {wall:.0f} s")
+    print("\n".join(states))
+    assert done.returncode == 0, tail(done)
+    counts = job_counts(output(done))
+    submitted = sum(n for rule, n in counts.items() if rule not in ("all", "manifest"))
+    assert len(states) == submitted, (states, counts)
+    assert all("COMPLETED" in line for line in states), states
+    check_outputs(tmp_path, "slurm", counts)
