@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except NernError as exc:
-        print(f"nern {args.stage}: error: {exc}", file=sys.stderr)
+        print(f"nern {args.stage}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except Preempted as exc:
         print(f"nern {args.stage}: {exc}; rerun the same command to resume", file=sys.stderr)

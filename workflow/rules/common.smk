@@ -27,6 +27,8 @@ LOGS = f"logs/{PRESET}"
 BENCHMARKS = f"benchmarks/{PRESET}"
 NETWORKS = {network["name"]: network for network in config["networks"]}
 # Jobs run the CLI with the interpreter that runs Snakemake (inside Slurm too), never whatever is on PATH.
+# NERN, MLFLOW_URI and the device are used in shell commands directly, not as params: they do not change
+# results, so a new virtualenv, tracking server or GPU must not rerun finished jobs.
 NERN = f"{shlex.quote(sys.executable)} -m nern"
 PERMUTATIONS = ("none", "infilter", "crossfilter")
 
@@ -179,7 +181,8 @@ def check_network(network):
         for variant in group["variants"]:
             known = variants.setdefault(variant["name"], flatten(variant["set"]))
             if known != flatten(variant["set"]):
-                raise WorkflowError(f"networks[{name}]: ablation variant '{variant['name']}' is defined twice differently")
+                raise WorkflowError(f"networks[{name}]: ablation variant '{variant['name']}' is defined twice, "
+                                    "with different settings")
 
 
 def table_rows():

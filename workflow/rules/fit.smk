@@ -1,6 +1,9 @@
 # Stage 3: NeRN fits over the grid of fit presets x originals x permutations x predictor sizes.
 # The same rule fits the reference points of the ablation, regularisation and data-free tables.
 
+FIT_POINT = "fit/{fit_preset}/{orig}/{perm}/h{hidden}"
+FIT_DIR = f"{RESULTS}/{{net}}/{FIT_POINT}"
+
 
 rule fit:
     input:
@@ -8,13 +11,13 @@ rule fit:
         model=original_model,
         permutation=permutation_input,
     output:
-        metrics=f"{RESULTS}/{{net}}/fit/{{fit_preset}}/{{orig}}/{{perm}}/h{{hidden}}/metrics.json",
-        curves=f"{RESULTS}/{{net}}/fit/{{fit_preset}}/{{orig}}/{{perm}}/h{{hidden}}/curves.csv",
-        predictor=f"{RESULTS}/{{net}}/fit/{{fit_preset}}/{{orig}}/{{perm}}/h{{hidden}}/predictor.safetensors",
+        metrics=f"{FIT_DIR}/metrics.json",
+        curves=f"{FIT_DIR}/curves.csv",
+        predictor=f"{FIT_DIR}/predictor.safetensors",
     log:
-        f"{LOGS}/{{net}}/fit/{{fit_preset}}/{{orig}}/{{perm}}/h{{hidden}}.log",
+        f"{LOGS}/{{net}}/{FIT_POINT}.log",
     benchmark:
-        f"{BENCHMARKS}/{{net}}/fit/{{fit_preset}}/{{orig}}/{{perm}}/h{{hidden}}.tsv"
+        f"{BENCHMARKS}/{{net}}/{FIT_POINT}.tsv"
     threads: rule_threads("fit")
     resources:
         **rule_resources("fit"),

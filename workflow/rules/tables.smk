@@ -2,14 +2,17 @@
 
 
 rule manifest:
-    # Which run fills which table row: written from the config, so a new row reruns the tables.
+    # Which run fills which table row, written from the config: a new or changed row reruns the tables.
     output:
         f"{RESULTS}/manifest.yaml",
+    log:
+        f"{LOGS}/manifest.log",
     localrule: True
     params:
         manifest=manifest(),
     run:
         write_yaml(output[0], params.manifest)
+        Path(log[0]).write_text(f"{len(params.manifest['rows'])} table rows -> {output[0]}\n")
 
 
 rule tables:
@@ -29,6 +32,8 @@ rule tables:
         **rule_resources("tables", per_network=False),
     params:
         published=lambda wildcards, input: f"--published {input.published}" if input.published else "",
+        tables=TABLES,
+        figures=FIGURES,
     shell:
-        "{NERN} tables --manifest {input.manifest} {params.published} --tables {TABLES} --figures {FIGURES}"
-        " > {log} 2>&1"
+        "{NERN} tables --manifest {input.manifest} {params.published} --tables {params.tables}"
+        " --figures {params.figures} > {log} 2>&1"

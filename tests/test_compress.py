@@ -1,0 +1,264 @@
+"""Meta-compression: the file format round trip, pruning masks, quantisation error, and the stage on real data."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from nern import compress as C
+from nern.cli import main
+from nern.config import EmbeddingConfig, FitConfig, ModelConfig, PretrainConfig, load_config
+from nern.errors import NernError
+from nern.fit import decode_weights, fit, load_predictor
+from nern.layers import find_conv_layers
+from nern.models import build_model, load_model
+from nern.predictor import Predictor
+from nern.pretrain import pretrain
+from nern.reconstruct import Representation, identity_positions, reconstructed_model
+
+from helpers import fashion_mnist_root  # noqa: F401 (fixture)
+
+EMBEDDING = EmbeddingConfig(levels=8, base=0.76)
+
+
+def tiny_setup(seed: int = 0) -> tuple[torch.nn.Module, Representation, Predictor]:
+    """ResNet8 (1 input channel), a permuted layer, per-layer scales and a small predictor: no data needed."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(arch="resnet8", in_channels=1)).eval()
+    layers = find_conv_layers(model)
+    positions = identity_positions(layers)
+    positions[2] = torch.randperm(layers[2].num_kernels)
+    rep = Representation(layers, positions, 3, torch.rand(len(layers)) + 0.5)
+    return model, rep, Predictor(6 * EMBEDDING.levels, 16).eval()
+
+
+def write_nern(tmp_path, predictor, masks, precision, rep, model, name="p.nernz", compressor="zstd"):
+    path = tmp_path / name
+    sizes = C.write_container(path, C.encode_nern(predictor, masks, precision, rep, EMBEDDING, model), compressor)
+    return path, sizes
+
+
+# -- format round trip -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "lzma"])
+def test_fp32_nern_file_round_trip_is_bit_exact(tmp_path, compressor):
+    model, rep, predictor = tiny_setup()
+    path, sizes = write_nern(tmp_path, predictor, {}, "fp32", rep, model, compressor=compressor)
+    assert sizes["bytes"] == path.stat().st_size
+    tensors, meta = C.read_container(path)
+    decoded = C.decode_predictor(tensors, meta)
+    for key, value in predictor.state_dict().items():
+        assert torch.equal(decoded.state_dict()[key], value), key
+    decoded_rep = C.decode_representation(tensors, meta)
+    assert all(torch.equal(a, b) for a, b in zip(decoded_rep.positions, rep.positions))
+    assert torch.equal(decoded_rep.scales, rep.scales)
+    assert meta["identity_permutations"] == [i for i in range(len(rep.layers)) if i != 2]
+    # the rebuilt network (fresh skeleton + file) is exactly the in-memory reconstruction of the original
+    rebuilt = C.read_network(path)
+    cfg = load_config(FitConfig, base={"embedding": {"levels": EMBEDDING.levels, "base": EMBEDDING.base}})
+    expected = reconstructed_model(model, rep, decode_weights(predictor, rep, cfg))
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(rebuilt(x), expected(x))
+
+
+@pytest.mark.parametrize("precision,sparsity,scope", [("fp16", 0.0, "global"), ("int8", 0.7, "global"),
+                                                      ("int6", 0.5, "layer"), ("int4", 0.9, "layer")])
+def test_pruned_quantised_predictor_reads_back_bit_exact(tmp_path, precision, sparsity, scope):
+    model, rep, predictor = tiny_setup()
+    pruned, masks = C.pruned_predictor(predictor, sparsity, scope)
+    path, _ = write_nern(tmp_path, pruned, masks, precision, rep, model)
+    decoded = C.decode_predictor(*C.read_container(path)).state_dict()
+    for key, value in pruned.state_dict().items():
+        expected = C.fake_quantise(value, precision, masks.get(key))
+        assert torch.equal(decoded[key], expected), key
+        if key in masks:
+            assert torch.all(decoded[key][~masks[key]] == 0)
+    # deterministic: the same predictor gives the same bytes
+    again, _ = write_nern(tmp_path, pruned, masks, precision, rep, model, name="again.nernz")
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_original_network_files_round_trip_and_shrink_with_precision(tmp_path):
+    model, _, _ = tiny_setup()
+    sizes = {}
+    for precision in ("fp32", "fp16", "int8", "int4"):
+        path = tmp_path / f"{precision}.nernz"
+        sizes[precision] = C.write_container(path, C.encode_network(model, {}, precision))["bytes"]
+        state = C.read_network(path).state_dict()
+        if precision == "fp32":
+            assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert sizes["fp32"] > sizes["fp16"] > sizes["int8"] > sizes["int4"]
+
+
+def test_damaged_or_foreign_files_are_user_errors(tmp_path):
+    model, rep, predictor = tiny_setup()
+    path, _ = write_nern(tmp_path, predictor, {}, "int8", rep, model)
+    truncated = tmp_path / "cut.nernz"
+    truncated.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(NernError, match="damaged or truncated"):
+        C.read_container(truncated)
+    foreign = tmp_path / "foreign.nernz"
+    foreign.write_bytes(b"not a container")
+    with pytest.raises(NernError, match="not a NeRN compressed file"):
+        C.read_container(foreign)
+
+
+# -- pruning masks and quantisation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.9])
+def test_magnitude_masks_hit_the_requested_sparsity(scope, sparsity):
+    _, _, predictor = tiny_setup()
+    weights = C.prunable_predictor_weights(predictor)
+    masks = C.magnitude_masks(weights, sparsity, scope)
+    total = sum(w.numel() for w in weights.values())
+    assert abs(C.mask_sparsity(masks) - sparsity) <= 1 / total
+    groups = [(weights[k], masks[k]) for k in weights] if scope == "layer" else [
+        (torch.cat([w.reshape(-1) for w in weights.values()]), torch.cat([m.reshape(-1) for m in masks.values()]))]
+    for w, m in groups:
+        if scope == "layer":
+            assert abs((1 - m.float().mean().item()) - sparsity) <= 1 / w.numel()
+        assert w.detach().abs()[~m].max() <= w.detach().abs()[m].min()  # the smallest go first
+
+
+def test_pruned_predictor_is_exactly_zero_where_masked():
+    _, _, predictor = tiny_setup()
+    pruned, masks = C.pruned_predictor(predictor, 0.6, "global")
+    params = dict(pruned.named_parameters())
+    assert all(torch.all(params[k][~m] == 0) and torch.all(params[k][m] != 0) for k, m in masks.items())
+    assert dict(predictor.named_parameters())["0.weight"].abs().min() > 0  # the input predictor is untouched
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_bit_packing_round_trip(bits):
+    values = torch.randint(0, 2**bits, (1001,), dtype=torch.uint8)
+    packed = C.pack_bits(values, bits)
+    assert packed.numel() == -(-1001 * bits // 8)
+    assert torch.equal(C.unpack_bits(packed, bits, 1001), values)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int6", "int4"])
+def test_quantised_weights_stay_within_half_a_step(precision):
+    torch.manual_seed(1)
+    w = torch.randn(12, 7, 3, 3) * torch.logspace(-3, 0, 12)[:, None, None, None]
+    mask = torch.rand(w.shape) > 0.4
+    for m in (None, mask):
+        bits = C.bits_of(precision)
+        scale = C.channel_scales(w, bits, m)
+        restored = C.fake_quantise(w, precision, m)
+        bound = (scale / 2)[:, None, None, None] * (1 + 1e-6)
+        keep = torch.ones_like(w, dtype=torch.bool) if m is None else m
+        assert torch.all(((restored - w).abs() <= bound)[keep])
+        assert torch.all(restored[~keep] == 0)
+        levels = 2 ** (bits - 1) - 1  # the integer grid really has 2**bits - 1 levels
+        assert torch.all((restored[keep] / scale[:, None, None, None].expand_as(w)[keep]).round().abs() <= levels)
+
+
+def test_option_errors_are_user_errors():
+    with pytest.raises(NernError, match="sparsity"):
+        C.check_options(C.CompressOptions([1.2], ["global"], ["none"], ["fp32"]))
+    with pytest.raises(NernError, match="precision 'int9'"):
+        C.check_options(C.CompressOptions([0.5], ["global"], ["none"], ["int9"]))
+
+
+# -- the stage on real Fashion-MNIST -------------------------------------------------------------------------
+
+
+def tiny_data(root) -> dict:
+    return {"name": "fashion_mnist", "root": str(root), "batch_size": 64, "val_size": 500, "eval_limit": 400,
+            "eval_batch_size": 400, "download": False}
+
+
+@pytest.fixture(scope="module")
+def fitted_resnet8(fashion_mnist_root, tmp_path_factory):
+    """A ResNet8 trained briefly on real Fashion-MNIST and a small NeRN fitted to it (with a permutation)."""
+    from nern.permutation import compute_permutations
+
+    root = tmp_path_factory.mktemp("resnet8")
+    torch.manual_seed(0)
+    pre = load_config(PretrainConfig, base={"model": {"arch": "resnet8", "in_channels": 1},
+                                            "data": {**tiny_data(fashion_mnist_root), "batch_size": 128},
+                                            "epochs": 0.15, "lr": 0.05, "milestones": [], "progress": False})
+    metrics = pretrain(pre, root / "original")
+    assert metrics["test_top1"] > 40  # really trained, far above chance
+    model_path = root / "original" / "model.safetensors"
+    cfg = load_config(FitConfig, base={
+        "model": {"arch": "resnet8", "in_channels": 1, "checkpoint": str(model_path)},
+        "data": tiny_data(fashion_mnist_root), "predictor": {"hidden": 24, "normalize_targets": True},
+        "embedding": {"levels": 8}, "sampling": {"batch": 512}, "iterations": 15, "eval_every": 0,
+        "checkpoint_every": 0, "progress": False})
+    model = load_model(cfg.model)
+    layers = find_conv_layers(model)
+    perms = compute_permutations([dict(model.named_parameters())[la.param].detach() for la in layers],
+                                 "infilter", progress=False)
+    fit(cfg, root / "fit", model=model, permutation=perms)
+    return {"model": model_path, "predictor": root / "fit" / "predictor.safetensors", "cfg": cfg,
+            "data": tiny_data(fashion_mnist_root)}
+
+
+def test_finetune_keeps_the_mask_and_changes_the_rest(fitted_resnet8, tmp_path):
+    from nern.data import build_splits
+
+    cfg = fitted_resnet8["cfg"]
+    model = load_model(cfg.model)
+    predictor, rep, saved = load_predictor(fitted_resnet8["predictor"], model)
+    pruned, masks = C.pruned_predictor(predictor, 0.7, "global")
+    splits = build_splits(saved.data, seed=saved.seed)
+    for data_free in (False, True):
+        tuned = C.finetune_pruned(pruned, masks, saved, model, rep, splits, 3, 1e-3, data_free, tmp_path)
+        params, before = dict(tuned.named_parameters()), dict(pruned.named_parameters())
+        for name, mask in masks.items():
+            assert torch.all(params[name][~mask] == 0)
+        assert any(not torch.equal(params[n][m], before[n][m]) for n, m in masks.items())
+
+
+def _rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_compress_stage_measures_every_row_on_the_file_read_back(fitted_resnet8, tmp_path):
+    from nern.data import build_splits
+    from nern.evaluate import top_k_accuracy
+    from nern import data as data_mod
+
+    out = tmp_path / "compress"
+    code = main(["compress", "--model", str(fitted_resnet8["model"]), "--predictor", str(fitted_resnet8["predictor"]),
+                 "--out", str(out), "--mlflow-uri", "none", "--sparsities", "0,0.6", "--scopes", "global",
+                 "--finetune", "none,data,data-free", "--finetune-iterations", "2", "--precisions", "fp32,int8",
+                 "--set", "progress=false"])
+    assert code == 0
+    for name in ("compression.csv", "compression.md", "accuracy_vs_bytes.png", "metrics.json"):
+        assert (out / name).is_file(), name
+    rows = _rows(out / "compression.csv")
+    nern_rows = [r for r in rows if r["representation"] == "nern"]
+    assert len(nern_rows) == (1 + 3) * 2 and len(rows) == len(nern_rows) + 2 * 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = load_config(FitConfig, base={"data": fitted_resnet8["data"]})
+    splits = build_splits(cfg.data, seed=0)
+    for row in rows:
+        path = out / "files" / row["file"]
+        assert int(row["bytes"]) == path.stat().st_size
+        network = C.read_network(path)
+        acc = top_k_accuracy(network, data_mod.eval_batches(splits.test, 400), (1,))["top1"]
+        assert float(row["top1"]) == pytest.approx(acc, abs=1e-9), row["label"]
+    original_fp32 = next(r for r in rows if r["label"] == "original-s0-fp32")
+    assert float(original_fp32["top1"]) == pytest.approx(metrics["original_top1"])
+    assert metrics["nern_int8_bytes"] < metrics["nern_fp32_bytes"]
+    pruned = [r for r in nern_rows if float(r["sparsity"]) == 0.6]
+    assert all(abs(float(r["achieved_sparsity"]) - 0.6) < 1e-3 for r in pruned)
+
+
+def test_compress_refuses_a_predictor_of_another_model(fitted_resnet8, tmp_path):
+    other = tmp_path / "other.safetensors"
+    from nern.models import save_model
+
+    save_model(build_model(ModelConfig(arch="resnet14", in_channels=1)), other)
+    code = main(["compress", "--model", str(other), "--predictor", str(fitted_resnet8["predictor"]),
+                 "--out", str(tmp_path / "x"), "--mlflow-uri", "none"])
+    assert code == 2
