@@ -27,6 +27,15 @@ def fingerprint(config: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def tensor_digest(tensors: list[torch.Tensor]) -> str:
+    """Content hash of the run's inputs (original weights, permutations): a retrained original network must
+    not be resumed into from the checkpoint of a fit to the old one."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

@@ -31,6 +31,7 @@ from nern.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    tensor_digest,
 )
 from nern.config import FitConfig, flatten, to_dict
 from nern.errors import NernError
@@ -190,7 +191,8 @@ class Fitter:
         self.best: dict[str, Any] | None = None
         self.original_acc: dict[str, float] | None = None
         self.run_id: str | None = None
-        self.fingerprint = fingerprint(flatten(to_dict(cfg)), NON_RESULT_KEYS)
+        inputs = tensor_digest([setup.targets, *setup.rep.positions])
+        self.fingerprint = fingerprint({**flatten(to_dict(cfg)), "inputs": inputs}, NON_RESULT_KEYS)
 
     # -- one iteration ------------------------------------------------------------------------------------
     def predict_weights(self, sampled: torch.Tensor | None) -> list[torch.Tensor]:
@@ -377,6 +379,8 @@ class Fitter:
                        {"permutation": self.s.permutation_mode, "reconstructed_top1": metrics["reconstructed_top1"]})
         write_curves(self.out / CURVES_FILE, self.curves, self.evals)
         write_json(self.out / METRICS_FILE, metrics)  # last: its presence means the run is complete
+        # A finished run's checkpoint would only make a rerun with other inputs refuse or "resume" a done run.
+        self.checkpoint_path.unlink(missing_ok=True)
 
 
 def write_curves(path: Path, curves: list[dict[str, float]], evals: list[dict[str, float]]) -> None:

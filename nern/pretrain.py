@@ -91,7 +91,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, model: nn.Module | Non
             if layers:
                 loss = loss + cfg.smoothness * smoothness_penalty([params[layer.param] for layer in layers])
             if not torch.isfinite(loss):
-                raise NernError(f"the training loss became {float(loss)} at iteration {it}; lower lr")
+                raise NernError(f"the training loss became {loss.item()} at iteration {it}; lower lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -99,8 +99,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, model: nn.Module | Non
             it += 1
             seconds += time.perf_counter() - start
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
-            row: dict[str, float] = {"iteration": it, "epoch": it / per_epoch, "loss": float(loss), "ce": float(ce)}
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            row: dict[str, float] = {"iteration": it, "epoch": it / per_epoch, "loss": loss.item(), "ce": ce.item()}
             if it % eval_every == 0 or it == total:
                 row["val_top1"] = _accuracy(model, splits.val, cfg.data.eval_batch_size, cfg.device) if splits.val else float("nan")
                 bar.write(f"[pretrain] epoch {it / per_epoch:.2f}: val top-1 {row['val_top1']:.2f}%")
@@ -132,5 +132,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, model: nn.Module | Non
     write_curves(out / CURVES_FILE, curves, [])
     from nern.artifacts import write_json
 
-    write_json(out / METRICS_FILE, metrics)
+    write_json(out / METRICS_FILE, metrics)  # last: its presence means the run is complete
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return metrics

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["faults"]
 REPO = Path(__file__).resolve().parents[1]
 SLURM_UP = REPO / "workflow" / "scripts" / "slurm_up.sh"
 SLURM_DOWN = REPO / "workflow" / "scripts" / "slurm_down.sh"

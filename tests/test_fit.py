@@ -109,9 +109,12 @@ def test_resume_from_checkpoint_is_exact(fashion_mnist_root, tmp_path):
     assert resumed["resumed"] is True
     assert resumed["reconstructed_top1"] == straight["reconstructed_top1"]
     assert resumed["final_loss"] == straight["final_loss"]
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["predictor"]
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["predictor"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    from nern.artifacts import load_tensors
+
+    a, _ = load_tensors(tmp_path / "straight" / "predictor.safetensors")
+    b, _ = load_tensors(tmp_path / "resumed" / "predictor.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "resumed" / "checkpoint.pt").exists()  # a finished run leaves no checkpoint
 
 
 def test_checkpoint_of_other_config_is_refused(fashion_mnist_root, tmp_path):

@@ -1,19 +1,19 @@
 # Stage 4: ablations at each network's reference point: one fit per variant (loss terms, weight
 # sampling, smooth vs non-smooth embeddings, ...). A variant with no overrides is the reference fit itself.
 
-ABLATION_POINT = "ablation/{variant}/{fit_preset}/{orig}/{perm}/h{hidden}"
-ABLATION_DIR = f"{RESULTS}/{{net}}/{ABLATION_POINT}"
+ABLATION_SUBDIR = "ablation/{variant}/{fit_preset}/{orig}/{perm}/h{hidden}"
+ABLATION_OUT = f"{RESULTS}/{{net}}/{ABLATION_SUBDIR}"
 
 
 use rule fit as fit_ablation with:
     output:
-        metrics=f"{ABLATION_DIR}/metrics.json",
-        curves=f"{ABLATION_DIR}/curves.csv",
-        predictor=f"{ABLATION_DIR}/predictor.safetensors",
+        metrics=f"{ABLATION_OUT}/metrics.json",
+        curves=f"{ABLATION_OUT}/curves.csv",
+        predictor=f"{ABLATION_OUT}/predictor.safetensors",
     log:
-        f"{LOGS}/{{net}}/{ABLATION_POINT}.log",
+        f"{LOGS}/{{net}}/{ABLATION_SUBDIR}.log",
     benchmark:
-        f"{BENCHMARKS}/{{net}}/{ABLATION_POINT}.tsv"
+        f"{BENCHMARKS}/{{net}}/{ABLATION_SUBDIR}.tsv"
     params:
         overrides=lambda wildcards: fit_overrides(wildcards, variant_set(wildcards)),
         tags=lambda wildcards: fit_tags(wildcards, "fit_ablation", wildcards.variant),

@@ -38,11 +38,9 @@ rule pretrain:
     params:
         overrides=pretrain_overrides,
         out=lambda wildcards, output: os.path.dirname(output.model),
-    # The finished run's checkpoint is dropped so a rerun with changed settings starts afresh; an
-    # interrupted run keeps it and resumes.
     shell:
         "{NERN} pretrain {params.overrides} --set threads={threads} --set device={config[device]}"
         " --set progress=false --out {params.out} --mlflow-uri {MLFLOW_URI} --experiment {PRESET}"
         " --run-name pretrain:{wildcards.net}/reg{wildcards.reg} --tag rule={rule} --tag preset={PRESET}"
         " --tag network={wildcards.net} --tag smoothness={wildcards.reg}"
-        " > {log} 2>&1 && rm -f {params.out}/checkpoint.pt"
+        " > {log} 2>&1"
