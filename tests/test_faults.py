@@ -496,4 +496,31 @@ def test_kill_during_a_write_leaves_no_metrics_without_predictor_and_no_temporar
 def test_completed_runs_leave_no_temporaries(fit_baseline, pretrain_baseline):
     for out in (fit_baseline.out, pretrain_baseline.out):
         assert temporaries(out) == []
-        assert {"metrics.json", "curves.csv", "checkpoint.pt"} <= set(os.listdir(out))
+        assert {"metrics.json", "curves.csv", "curves.png"} <= set(os.listdir(out))
+
+
+@pytest.mark.xfail(strict=True, reason="fit.py deletes checkpoint.pt (and with it the MLflow run id) when the outputs "
+                                       "are written, before cli.py has plotted, logged the artefacts and closed the "
+                                       "MLflow run: a kill in that window leaves a RUNNING run and the rerun opens "
+                                       "a second one")
+def test_kill_after_the_outputs_but_before_the_mlflow_run_is_closed_keeps_one_run(
+        fit_baseline, fashion_mnist_root, grey_model, tmp_path):
+    pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    mark = tmp_path / "stalled"
+    args = fit_args(fashion_mnist_root, grey_model, out, mlflow=uri)
+    run = faults.chain("fit with MLflow, killed while plotting")
+    proc = Nern(args, tmp_path, shim=STALL_SHIM, env={"NERN_FAULT_STALL": "curves.png", "NERN_FAULT_MARK": str(mark)})
+    deadline = time.monotonic() + WAIT_S
+    while not mark.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.output()
+        time.sleep(0.01)
+    assert (out / "metrics.json").is_file()
+    assert proc.signal(signal.SIGKILL) == -signal.SIGKILL
+    run.killed("SIGKILL")
+    run_to_end(args, tmp_path)
+    assert_same_fit(out, fit_baseline.out)
+    run.completed()
+    runs = _mlflow_runs(uri)
+    assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_id, r.info.status) for r in runs]

@@ -49,7 +49,7 @@ def trained_user_cnn(fashion_mnist_root, tmp_path_factory):
     model = UserCNN(in_channels=1)
     cfg = load_config(PretrainConfig, base={
         "model": {"arch": "resnet8", "in_channels": 1}, "data": {**tiny_data(fashion_mnist_root), "batch_size": 128},
-        "epochs": 0.1, "lr": 0.05, "milestones": [], "progress": False, "eval_every_epochs": 1.0,
+        "epochs": 1.0, "lr": 0.05, "milestones": [], "progress": False, "eval_every_epochs": 1.0,
     })
     out = tmp_path_factory.mktemp("user_cnn")
     metrics = pretrain(cfg, out, model=model)
