@@ -37,13 +37,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise NernError(f"cannot write {target}: {exc.strerror}; choose a writable output directory") from exc
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artefacts should be readable like any other file
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and some writers) make 0600; artefacts are ordinary files
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except OSError as exc:
@@ -54,6 +52,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, names: list[str]) -> int:
+    """Delete `.NAME.*.tmp` left by a writer that was SIGKILLed mid-write; call at the start of a stage that
+    owns `directory` (one job per output directory, as every pipeline rule has)."""
+    removed = 0
+    for name in names:
+        for stale in Path(directory).glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:

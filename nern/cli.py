@@ -41,7 +41,31 @@ def _tracker(args: argparse.Namespace, stage: str, run_id: str | None = None) ->
     uri = args.mlflow_uri or default_tracking_uri()
     name = args.run_name or f"{stage}:{Path(args.out).name if args.out else ''}"
     tags = {"nern.stage": stage, **_tags(args.tag)}
-    return Tracker(uri, args.experiment, name, tags, run_id=run_id, enabled=uri.lower() != "none")
+    resume_key = str(Path(args.out).resolve()) if args.out else None
+    return Tracker(uri, args.experiment, name, tags, run_id=run_id, enabled=uri.lower() != "none",
+                   resume_key=resume_key)
+
+
+def _remember_run(tracker: Any, out: Path) -> None:
+    """Store the MLflow run id beside the outputs at once: a kill before the first checkpoint then resumes
+    into the same run instead of orphaning it."""
+    from nern.artifacts import atomic_path
+    from nern.fit import RUN_ID_FILE
+
+    if getattr(tracker, "run_id", None):
+        with atomic_path(out / RUN_ID_FILE) as tmp:
+            tmp.write_text(tracker.run_id)
+
+
+def _run_params(cfg: Any, resumed: bool, non_result_keys: tuple[str, ...]) -> dict[str, Any]:
+    """Flattened config for MLflow; a resumed run may change the keys that do not affect results, so those
+    are not logged again (MLflow refuses to change a logged param)."""
+    from nern.config import flatten, to_dict
+
+    flat = flatten(to_dict(cfg))
+    if resumed:
+        flat = {k: v for k, v in flat.items() if k.split(".")[0] not in non_result_keys}
+    return flat
 
 
 def _model_base(model_path: str | None) -> dict[str, Any]:
@@ -77,16 +101,22 @@ def _plot_curves(out: Path) -> None:
 # -- stages ------------------------------------------------------------------------------------------------
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from nern.config import PretrainConfig, flatten, load_config, to_dict
+    from nern.config import PretrainConfig, load_config
     from nern.pretrain import pretrain
+
+    from nern.fit import clear_resume_state
+    from nern.pretrain import NON_RESULT_KEYS
 
     cfg = load_config(PretrainConfig, args.config, args.set)
     out = Path(args.out)
-    with _tracker(args, "pretrain", _stored_run_id(out)) as tracker:
-        tracker.log_params(flatten(to_dict(cfg)))
-        metrics = pretrain(cfg, out, tracker=tracker)
+    run_id = _stored_run_id(out)
+    with _tracker(args, "pretrain", run_id) as tracker:
+        _remember_run(tracker, out)
+        tracker.log_params(_run_params(cfg, run_id is not None, NON_RESULT_KEYS))
+        metrics = pretrain(cfg, out, tracker=tracker, cleanup=False)
         _plot_curves(out)
         _log_outputs(tracker, out, metrics, ["metrics.json", "curves.csv", "curves.png", "model.safetensors"])
+    clear_resume_state(out)
     print(f"[pretrain] test top-1 {metrics['test_top1']:.2f}% -> {out}")
 
 
@@ -147,18 +177,21 @@ def cmd_permute(args: argparse.Namespace) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
-    from nern.config import FitConfig, flatten, load_config, to_dict
-    from nern.fit import checkpointed_run_id, fit
+    from nern.config import FitConfig, load_config
+    from nern.fit import NON_RESULT_KEYS, checkpointed_run_id, clear_resume_state, fit
 
     cfg = load_config(FitConfig, args.config, args.set, base=_model_base(args.model))
     if args.permutation and not Path(args.permutation).is_file():
         raise NernError(f"permutation file not found: {args.permutation}; run `nern permute` first")
     out = Path(args.out)
-    with _tracker(args, "fit", checkpointed_run_id(out)) as tracker:
-        tracker.log_params(flatten(to_dict(cfg)))
-        metrics = fit(cfg, out, permutation=args.permutation, tracker=tracker)
+    run_id = checkpointed_run_id(out)
+    with _tracker(args, "fit", run_id) as tracker:
+        _remember_run(tracker, out)
+        tracker.log_params(_run_params(cfg, run_id is not None, NON_RESULT_KEYS))
+        metrics = fit(cfg, out, permutation=args.permutation, tracker=tracker, cleanup=False)
         _plot_curves(out)
         _log_outputs(tracker, out, metrics, ["metrics.json", "curves.csv", "curves.png", "predictor.safetensors"])
+    clear_resume_state(out)  # only once the run is complete and logged
     print(f"[fit] original {metrics['original_top1']:.2f}% -> reconstructed {metrics['reconstructed_top1']:.2f}% "
           f"(size ratio {metrics['size_ratio']:.3f}, {metrics['seconds_per_iteration']:.3f} s/it) -> {out}")
 

@@ -548,7 +548,8 @@ def _accuracy(network: nn.Module, splits: Any, cfg: FitConfig) -> float:
     from nern.evaluate import top_k_accuracy
 
     network = network.to(cfg.device).eval()
-    return top_k_accuracy(network, data_mod.eval_batches(splits.test, cfg.data.eval_batch_size), (1,), cfg.device)["top1"]
+    batches = data_mod.eval_batches(splits.test, cfg.data.eval_batch_size)
+    return top_k_accuracy(network, batches, (1,), cfg.device)["top1"]
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -674,7 +675,8 @@ TABLE_COLUMNS = {"representation": "representation", "sparsity": "sparsity", "sc
                  "ratio_vs_original_fp32": "ratio vs original fp32", "top1": "top-1", "delta_top1": "Δ top-1",
                  "predictor_bytes": "predictor bytes", "verbatim_bytes": "verbatim bytes",
                  "permutation_bytes": "permutation bytes", "weights_bytes": "weights bytes"}
-CSV_FILE, MD_FILE, FIGURE_FILE, METRICS_FILE = "compression.csv", "compression.md", "accuracy_vs_bytes.png", "metrics.json"
+CSV_FILE, MD_FILE, FIGURE_FILE = "compression.csv", "compression.md", "accuracy_vs_bytes.png"
+METRICS_FILE = "metrics.json"
 
 
 def write_outputs(out: Path, rows: list[dict[str, Any]], metrics: dict[str, Any], cfg: FitConfig) -> None:
@@ -792,8 +794,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     cfg, model, predictor, rep, splits = load_inputs(args)
     out = Path(args.out)
     with _tracker(args, "compress") as tracker:
-        tracker.log_params({**flatten(to_dict(cfg)), **{f"compress.{k}": v for k, v in dataclasses.asdict(opts).items()},
-                            "predictor_file": args.predictor})
+        options = {f"compress.{k}": v for k, v in dataclasses.asdict(opts).items()}
+        tracker.log_params({**flatten(to_dict(cfg)), **options, "predictor_file": args.predictor})
         rows, metrics = run_compress(model, predictor, rep, cfg, splits, out, opts)
         _log_outputs(tracker, out, {k: v for k, v in metrics.items() if k != "frontier"},
                      [CSV_FILE, MD_FILE, FIGURE_FILE, METRICS_FILE])
@@ -811,7 +813,7 @@ def register_cli(subparsers: Any, name: str) -> None:
     p.add_argument("--predictor", required=True, help="predictor.safetensors from `nern fit`")
     p.add_argument("--sparsities", default="0,0.5,0.7,0.9", help="pruning fractions of the predictor's (and, for "
                    "the baseline, the original's) weights, comma-separated")
-    p.add_argument("--scopes", default="global,layer", help="magnitude-pruning scopes: global, layer")
+    p.add_argument("--scopes", default="global", help="magnitude-pruning scopes: global and/or layer (per-layer)")
     p.add_argument("--finetune", default="none,data,data-free",
                    help="after pruning: none, data (task images) and/or data-free (noise) fine-tunes")
     p.add_argument("--finetune-iterations", type=int, help="fine-tune length (default: 5%% of the fit's, 10..2000)")

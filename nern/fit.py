@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nern import data as data_mod
-from nern.artifacts import save_tensors, write_json
+from nern.artifacts import remove_stale_temporaries, save_tensors, write_json
 from nern.checkpoint import (
     Preempted,
     PreemptionGuard,
@@ -161,8 +161,9 @@ def total_iterations(cfg: FitConfig, batches_per_epoch: int) -> int:
 class Fitter:
     """The training state of one fit; `run()` trains to the end, resuming from `out_dir` when possible."""
 
-    def __init__(self, cfg: FitConfig, setup: FitSetup, out_dir: Path, tracker: Any = None):
+    def __init__(self, cfg: FitConfig, setup: FitSetup, out_dir: Path, tracker: Any = None, cleanup: bool = True):
         self.cfg, self.s, self.out = cfg, setup, Path(out_dir)
+        self.cleanup = cleanup  # False: the caller clears the resume state once it has logged the results
         self.tracker = tracker
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
@@ -379,8 +380,8 @@ class Fitter:
                        {"permutation": self.s.permutation_mode, "reconstructed_top1": metrics["reconstructed_top1"]})
         write_curves(self.out / CURVES_FILE, self.curves, self.evals)
         write_json(self.out / METRICS_FILE, metrics)  # last: its presence means the run is complete
-        # A finished run's checkpoint would only make a rerun with other inputs refuse or "resume" a done run.
-        self.checkpoint_path.unlink(missing_ok=True)
+        if self.cleanup:
+            clear_resume_state(self.out)
 
 
 def write_curves(path: Path, curves: list[dict[str, float]], evals: list[dict[str, float]]) -> None:
@@ -451,24 +452,41 @@ def decode_weights(predictor: Predictor, rep: Representation, cfg: FitConfig) ->
     return kernels_to_weights(kernels, rep)
 
 
+RUN_ID_FILE = "mlflow_run_id"
+
+
 def checkpointed_run_id(out_dir: str | Path) -> str | None:
-    """The MLflow run id stored in an interrupted fit's checkpoint, so its resumption logs to the same run."""
-    path = Path(out_dir) / CHECKPOINT_FILE
-    if not path.is_file():
+    """The MLflow run id of an interrupted run in `out_dir`, so its resumption logs to the same run.
+
+    The CLI writes it to a small file as soon as the run exists (a kill before the first checkpoint must not
+    orphan the run); older outputs have it only inside the checkpoint.
+    """
+    out = Path(out_dir)
+    if (out / RUN_ID_FILE).is_file():
+        return (out / RUN_ID_FILE).read_text().strip() or None
+    if not (out / CHECKPOINT_FILE).is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False).get("run_id")
+        return torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=False).get("run_id")
     except Exception:
         return None
 
 
+def clear_resume_state(out_dir: str | Path) -> None:
+    """After a run is complete AND logged: nothing left to resume, so a rerun starts afresh."""
+    for name in (CHECKPOINT_FILE, RUN_ID_FILE):
+        (Path(out_dir) / name).unlink(missing_ok=True)
+
+
 def fit(cfg: FitConfig, out_dir: str | Path, *, model: nn.Module | None = None,
-        permutation: str | list[torch.Tensor] | None = None, splits: Any = None, tracker: Any = None) -> dict[str, Any]:
+        permutation: str | list[torch.Tensor] | None = None, splits: Any = None, tracker: Any = None,
+        cleanup: bool = True) -> dict[str, Any]:
     """Fit (or resume) a NeRN into `out_dir`; returns the metrics also written to metrics.json."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     setup = prepare(cfg, model=model, permutation=permutation, splits=splits)
-    fitter = Fitter(cfg, setup, Path(out_dir), tracker)
+    remove_stale_temporaries(out_dir, [CHECKPOINT_FILE, PREDICTOR_FILE, METRICS_FILE, CURVES_FILE, "curves.png"])
+    fitter = Fitter(cfg, setup, Path(out_dir), tracker, cleanup=cleanup)
     if tracker is not None:
         fitter.run_id = getattr(tracker, "run_id", None)
     return fitter.run()

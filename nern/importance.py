@@ -156,7 +156,8 @@ def check_options(opts: ImportanceOptions) -> None:
     for s in opts.sparsities:
         if not 0.0 <= s < 1.0:
             raise NernError(f"sparsity {s} is outside [0, 1); pass fractions such as --sparsities 0.3,0.5,0.7,0.9")
-    for name, values, allowed in (("method", opts.methods, METHODS), ("granularity", opts.granularities, GRANULARITIES)):
+    checks = (("method", opts.methods, METHODS), ("granularity", opts.granularities, GRANULARITIES))
+    for name, values, allowed in checks:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise NernError(f"{name} {bad[0] if bad else '(none)'!r} is not allowed; choose from {', '.join(allowed)}")
@@ -222,7 +223,8 @@ def layer_summary(errors: list[LayerErrors], originals: list[torch.Tensor]) -> l
 
 
 def run_importance(model: nn.Module, rep: Representation, reconstructed: list[torch.Tensor], cfg: FitConfig,
-                   splits: Any, out: str | Path, opts: ImportanceOptions) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                   splits: Any, out: str | Path,
+                   opts: ImportanceOptions) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Error maps, pruning curves, kernel figure, table and metrics of one fitted NeRN into `out`."""
     check_options(opts)
     out = Path(out)

@@ -39,7 +39,7 @@ def _accuracy(model: nn.Module, imageset: Any, batch_size: int, device: str) -> 
 
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, model: nn.Module | None = None, splits: Any = None,
-             tracker: Any = None) -> dict[str, Any]:
+             tracker: Any = None, cleanup: bool = True) -> dict[str, Any]:
     """Train (or resume) the original network into `out_dir`; returns the metrics written to metrics.json."""
     from nern import models
 
@@ -60,6 +60,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, model: nn.Module | Non
     params = dict(model.named_parameters())
     eval_every = max(1, int(cfg.eval_every_epochs * per_epoch))
 
+    from nern.artifacts import remove_stale_temporaries
+
+    remove_stale_temporaries(out, [CHECKPOINT_FILE, MODEL_FILE, METRICS_FILE, CURVES_FILE, "curves.png"])
     fp = fingerprint(flatten(to_dict(cfg)), NON_RESULT_KEYS)
     state = load_checkpoint(out / CHECKPOINT_FILE, fp)
     it, seconds, curves = 0, 0.0, []
@@ -133,5 +136,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, model: nn.Module | Non
     from nern.artifacts import write_json
 
     write_json(out / METRICS_FILE, metrics)  # last: its presence means the run is complete
-    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    if cleanup:
+        from nern.fit import clear_resume_state
+
+        clear_resume_state(out)
     return metrics

@@ -193,6 +193,9 @@ def _slug(name: str) -> str:
 # ------------------------------------------------------------------------------------------ tracker
 
 
+RESUME_TAG = "nern.out"
+
+
 class Tracker:
     """One MLflow run for the duration of a `with` block; every method is a no-op when tracking is off.
 
@@ -210,6 +213,7 @@ class Tracker:
         enabled: bool = True,
         *,
         results_dir: str | os.PathLike = "results",
+        resume_key: str | None = None,
     ) -> None:
         self.uri = resolve_uri(uri, results_dir) if enabled else DISABLED
         self.enabled = enabled and self.uri != DISABLED
@@ -218,6 +222,11 @@ class Tracker:
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self.run_id: str | None = run_id if self.enabled else None
         self._resume = run_id is not None
+        # An unfinished run tagged with this key (e.g. the output directory) is reopened rather than a second
+        # run created: a job killed between creating its run and saving the run id still stays one run.
+        self.resume_key = resume_key
+        if resume_key:
+            self.tags[RESUME_TAG] = resume_key
         self._client: Any = None
         self._experiment_id: str | None = None
         self._params: dict[str, str] = {}
@@ -246,6 +255,9 @@ class Tracker:
         if not self.enabled:
             return None
         self._client = self._open_client()
+        if not self._resume and self.resume_key:
+            self.run_id = self._unfinished_run(self.resume_key)
+            self._resume = self.run_id is not None
         if self._resume:
             self._reopen_run()
         else:
@@ -365,6 +377,16 @@ class Tracker:
         if db is None:
             return None
         return (db.parent / ARTIFACTS_DIR / _slug(self.experiment)).as_uri()
+
+    def _unfinished_run(self, key: str) -> str | None:
+        quote = next((q for q in "'\"" if q not in key), None)
+        if quote is None:  # MLflow's filter language cannot quote it; the run-id file still covers resumes
+            return None
+        query = f"tags.`{RESUME_TAG}` = {quote}{key}{quote} and attributes.status != 'FINISHED'"
+        runs = _retry(lambda: self._client.search_runs([self._experiment_id], filter_string=query,
+                                                       order_by=["attributes.start_time DESC"], max_results=1),
+                      f"look for an unfinished run of {key}")
+        return runs[0].info.run_id if runs else None
 
     def _create_run(self) -> None:
         tags = {"mlflow.user": _user(), **self.tags}

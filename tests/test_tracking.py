@@ -188,3 +188,18 @@ def test_eight_processes_share_one_fresh_sqlite_store(tmp_path):
     assert sum(len(r.data.params) for r in runs) == 8 * 20
     points = sum(len(client.get_metric_history(r.info.run_id, k)) for r in runs for k in ("loss", "acc"))
     assert points == 8 * 50 * 2
+
+
+def test_unfinished_run_of_the_same_output_is_reopened_not_duplicated(tmp_path):
+    """A job killed after creating its run but before saving the run id still ends up as one run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(uri, "exp", "fit", resume_key="/runs/o'ut")
+    first.start()  # never ended: the process was killed
+    again = Tracker(uri, "exp", "fit", resume_key="/runs/o'ut")
+    again.start()
+    assert again.run_id == first.run_id
+    again.end()
+    fresh = Tracker(uri, "exp", "fit", resume_key="/runs/o'ut")  # the finished run is not reopened
+    fresh.start()
+    assert fresh.run_id != first.run_id
+    fresh.end()
