@@ -26,9 +26,13 @@ include: "workflow/rules/fit.smk"
 include: "workflow/rules/ablations.smk"
 include: "workflow/rules/data_free.smk"
 include: "workflow/rules/tables.smk"
+include: "workflow/rules/compress.smk"
+include: "workflow/rules/importance.smk"
 
 
 rule all:
     default_target: True
     input:
         final_outputs(),
+        compress_outputs(),
+        importance_outputs(),

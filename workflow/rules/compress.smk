@@ -9,7 +9,15 @@ FIT_POINT = r"(fit|data-free|ablation/[A-Za-z0-9][A-Za-z0-9_.+-]*)/[^/]+/(import
 
 
 def fitted_nern_dirs():
-    """Every distinct fit directory the preset's tables use: main grid, regularisation, ablations, data-free."""
+    """The fit directories the applications run on: with `applications: all`, every distinct fit the tables use
+    (main grid, regularisation, ablations, data-free); with `reference`, each network's reference fit only."""
+    if config.get("applications", "all") == "reference":
+        dirs = set()
+        for network in config["networks"]:
+            ref = reference(network)
+            point = (ref["fit_preset"], original_id(network, ref["smoothness"]), ref["permutation"], ref["hidden"])
+            dirs.add(Fit("fit", network["name"], *point).dir)
+        return sorted(dirs)
     return sorted({row["dir"] for row in ROWS})
 
 
