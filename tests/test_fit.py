@@ -118,7 +118,10 @@ def test_resume_from_checkpoint_is_exact(fashion_mnist_root, tmp_path):
 
 
 def test_checkpoint_of_other_config_is_refused(fashion_mnist_root, tmp_path):
-    fit(tiny_fit(fashion_mnist_root, iterations=4), tmp_path)
+    cfg = tiny_fit(fashion_mnist_root, iterations=4)
+    interrupted = Fitter(cfg, prepare(cfg), tmp_path)
+    interrupted.step()
+    interrupted.save()  # killed after its first checkpoint
     with pytest.raises(NernError, match="another config"):
         fit(tiny_fit(fashion_mnist_root, iterations=4, predictor={"hidden": 32}), tmp_path)
 
