@@ -21,7 +21,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
 TEST_CONFIG = REPO / "config" / "test.yaml"
-TRACKED_RULES = ("import_weights", "pretrain", "fit", "fit_ablation", "fit_data_free")  # one MLflow run per job
+TRACKED_RULES = ("import_weights", "pretrain", "fit", "fit_ablation", "fit_data_free", "compress", "importance")  # one MLflow run per job
 STAGE_RULES = {"manifest", "permute", "fit", "tables", "all"}
 
 
