@@ -46,19 +46,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_flops(device: str, size: int = 2048, repeats: int = 10) -> float:
+def matmul_flops(device: str, size: int = 2048, repeats: int = 10, rounds: int = 5) -> float:
+    """The BEST of several rounds: the machine's limit, so the reported fraction errs on the low side."""
     import torch
 
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     for _ in range(3):
         a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(rounds):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        sync(device)
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
+    return best
 
 
 def bench_arch(arch: str, hidden: int, args: argparse.Namespace) -> dict:

@@ -40,3 +40,31 @@ def fashion_mnist_root(tmp_path_factory) -> Path:
     if not list(DEBIAN_FASHION_MNIST.glob("*.gz")):
         pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
     return tmp_path_factory.mktemp("fashion-mnist")
+
+
+def fmnist_args(root: Path) -> list[str]:
+    """CLI overrides for a tiny, fast slice of real Fashion-MNIST."""
+    return sets("data.name=fashion_mnist", f"data.root={root}", "data.download=false", "data.val_size=200",
+                "data.eval_limit=200", "data.batch_size=32")
+
+
+def sets(*items: str) -> list[str]:
+    """`--set` flags for each KEY=VALUE."""
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def save_resnet8(path: Path, in_channels: int = 1, seed: int = 0) -> Path:
+    """A randomly initialised ResNet8 checkpoint: enough network for the CLI and fault tests."""
+    from nern.config import ModelConfig
+    from nern.models import build_model, save_model
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch="resnet8", in_channels=in_channels)
+    save_model(build_model(cfg), path, {"model": {**cfg.__dict__}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def grey_model(tmp_path_factory) -> Path:
+    """A one-channel ResNet8 checkpoint, built once per test module."""
+    return save_resnet8(tmp_path_factory.mktemp("model") / "model.safetensors")

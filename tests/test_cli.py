@@ -16,29 +16,16 @@ from nern.cli import main
 from nern.config import ModelConfig
 from nern.models import build_model, save_model
 
-from helpers import PRETRAINED_RESNET20, fashion_mnist_root  # noqa: F401 (fixture)
+from helpers import PRETRAINED_RESNET20, fashion_mnist_root, grey_model  # noqa: F401 (fixtures)
+from helpers import fmnist_args as data_args
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def data_args(root) -> list[str]:
-    return ["--set", "data.name=fashion_mnist", "--set", f"data.root={root}", "--set", "data.download=false",
-            "--set", "data.val_size=200", "--set", "data.eval_limit=200", "--set", "data.batch_size=32"]
 
 
 def fit_args(root, model, out, *extra) -> list[str]:
     return ["fit", "--model", str(model), "--out", str(out), "--mlflow-uri", "none", *data_args(root),
             "--set", "predictor.hidden=16", "--set", "embedding.levels=4", "--set", "iterations=3",
             "--set", "eval_every=0", "--set", "progress=false", "--set", "sampling.batch=64", *extra]
-
-
-@pytest.fixture(scope="module")
-def grey_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    cfg = ModelConfig(arch="resnet8", in_channels=1)
-    save_model(build_model(cfg), path, {"model": {**cfg.__dict__}})
-    return path
 
 
 @pytest.fixture(scope="module")

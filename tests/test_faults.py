@@ -24,11 +24,10 @@ import pytest
 import torch
 
 import faults
-from helpers import fashion_mnist_root  # noqa: F401 (fixture)
+from helpers import fashion_mnist_root, grey_model, sets  # noqa: F401 (fixtures)
+from helpers import fmnist_args as data_args
 from nern.artifacts import load_tensors
-from nern.config import ModelConfig
 from nern.fit import NON_RESULT_KEYS
-from nern.models import build_model, save_model
 
 pytestmark = pytest.mark.fault
 
@@ -65,15 +64,6 @@ runpy.run_module("nern", run_name="__main__", alter_sys=True)
 
 
 # ------------------------------------------------------------------------------------------------ commands
-
-
-def data_args(root: Path) -> list[str]:
-    return ["--set", "data.name=fashion_mnist", "--set", f"data.root={root}", "--set", "data.download=false",
-            "--set", "data.val_size=200", "--set", "data.eval_limit=200", "--set", "data.batch_size=32"]
-
-
-def sets(*items: str) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
 
 
 def fit_args(root: Path, model: Path, out: Path, *extra: str, mlflow: str = "none") -> list[str]:
@@ -279,15 +269,6 @@ def _reap_module() -> Iterator[None]:
 def _reap() -> Iterator[None]:
     yield
     Nern.reap()
-
-
-@pytest.fixture(scope="module")
-def grey_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    cfg = ModelConfig(arch="resnet8", in_channels=1)
-    save_model(build_model(cfg), path, {"model": {**cfg.__dict__}})
-    return path
 
 
 @pytest.fixture(scope="module")

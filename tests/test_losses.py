@@ -48,3 +48,18 @@ def test_fmd_survives_exploding_activations():
     zero = [torch.zeros(2, 3, 4, 4, requires_grad=True)]
     fmd_loss(zero, t).backward()
     assert torch.isfinite(zero[0].grad).all()
+
+
+def test_fmd_fast_path_and_overflow_safe_path_agree_in_value_and_gradient():
+    from nern.losses import _fused_sq_distance, _scaled_sq_distance
+
+    torch.manual_seed(0)
+    t = torch.randn(4, 50)
+    grads = []
+    for path in (_fused_sq_distance, _scaled_sq_distance):
+        s = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        value = path(s, t)
+        value.backward()
+        grads.append((value.detach(), s.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)

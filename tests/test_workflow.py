@@ -7,6 +7,7 @@ SIGTERM.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -68,6 +69,13 @@ def finished_runs(workdir: Path, experiment: str) -> list:
     found = client.get_experiment_by_name(experiment)
     assert found is not None, f"no MLflow experiment {experiment!r}"
     return [r for r in client.search_runs([found.experiment_id], max_results=1000) if r.info.status == "FINISHED"]
+
+
+def all_runs(workdir: Path, experiment: str) -> int:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
+    return len(client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000))
 
 
 def check_outputs(workdir: Path, preset: str, counts: dict[str, int]) -> None:
@@ -205,3 +213,75 @@ def test_tiny_preset_runs_on_a_real_slurm_cluster(slurm_cluster: str, tmp_path: 
     assert len(states) == submitted, (states, counts)
     assert all("COMPLETED" in line for line in states), states
     check_outputs(tmp_path, "slurm", counts)
+
+
+def running_slurm_job(comment_prefix: str) -> str | None:
+    """The id of the RUNNING Slurm job whose comment (the executor writes `rule_<name>_wildcards_...`) starts so."""
+    listing = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i %k"], capture_output=True, text=True)
+    for line in listing.stdout.splitlines():
+        job, _, comment = line.strip().partition(" ")
+        if comment.startswith(comment_prefix):
+            return job
+    return None
+
+
+def slurm_state_when(job: str, wanted: str, timeout_s: float = 60) -> str:
+    """The job's state once it is `wanted` (or whatever it is when the time is up): read at once, before
+    Slurm forgets a finished job (MinJobAge)."""
+    deadline, state = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        state = subprocess.run(["squeue", "-h", "--states=all", "-j", job, "-o", "%T"], capture_output=True,
+                               text=True).stdout.strip()
+        if state == wanted:
+            break
+        time.sleep(0.2)
+    return state or "gone from squeue"
+
+
+@pytest.mark.slurm
+def test_a_fit_cancelled_with_scancel_is_rerun_and_resumes_from_its_checkpoint(slurm_cluster: str,
+                                                                               tmp_path: Path) -> None:
+    config = yaml.safe_load(slurm_config(tmp_path / "slurm.yaml").read_text())
+    config["name"] = "scancel"
+    network = config["networks"][0]
+    network["grid"]["permutations"] = ["none"]
+    network["reference"] = {"permutation": "none"}
+    iterations = 2000  # long enough to be cancelled mid-fit; checkpoints every 25 iterations
+    network["fit"].update({"iterations": iterations, "eval_every": 0, "checkpoint_every": 25})
+    configfile = tmp_path / "scancel.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    fit_dir = tmp_path / "results" / "scancel" / network["name"] / "fit" / "fast" / "reg0" / "none" / "h16"
+    target = fit_dir / "metrics.json"
+
+    command = [sys.executable, "-m", "snakemake", str(target.relative_to(tmp_path)), "--snakefile", str(SNAKEFILE),
+               "--directory", str(tmp_path), "--configfile", str(configfile),
+               "--profile", str(REPO / "workflow" / "profiles" / "slurm-ci"), "--retries", "1"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 900
+        cancelled = None
+        while cancelled is None:
+            assert proc.poll() is None, f"snakemake ended before the fit could be cancelled:\n{proc.stdout.read()}"
+            assert time.monotonic() < deadline, "the fit wrote no checkpoint in 900 s"
+            if (fit_dir / "checkpoint.pt").is_file():
+                cancelled = running_slurm_job("rule_fit")
+            time.sleep(0.2)
+        subprocess.run(["scancel", cancelled], check=True)
+        cancel_state = slurm_state_when(cancelled, "CANCELLED")
+        text, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    states = slurm_job_states(text)
+    print(f"scancel'd SLURM job {cancelled} mid-fit: {cancel_state}; Snakemake's jobs:")
+    print("\n".join(states))
+    assert proc.returncode == 0, text[-6000:]
+    fit_jobs = [line for line in states if "rule fit)" in line]
+    assert len(fit_jobs) == 2 and f"SLURM job {cancelled} " in fit_jobs[0], states
+    assert cancel_state == "CANCELLED" and "COMPLETED" in fit_jobs[1], (cancel_state, states)
+    metrics = json.loads(target.read_text())
+    assert metrics["resumed"] is True, "the rerun started afresh instead of resuming from the checkpoint"
+    assert metrics["iterations"] == iterations
+    fits = [r for r in finished_runs(tmp_path, "scancel") if r.data.tags.get("rule") == "fit"]
+    assert len(fits) == 1, f"{len(fits)} finished MLflow runs for one cancelled-and-resumed fit"
+    assert all_runs(tmp_path, "scancel") == len(finished_runs(tmp_path, "scancel")), "an unfinished run was left"
