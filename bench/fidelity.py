@@ -58,7 +58,7 @@ def child(args: argparse.Namespace) -> None:
     cfg = load_config(FitConfig, PRESETS / preset, base + overrides)
     setup = prepare(cfg, permutation=args.permutation or None)
     fitter = Fitter(cfg, setup, Path(args.result).parent / (Path(args.result).stem + "_run"))
-    original = fitter.evaluate_original()
+    original = fitter.original_acc = fitter.evaluate_original()
     out = {"name": args.name, "hidden": args.hidden, "preset": preset, "overrides": overrides,
            "original": original, "points": []}
     start = time.perf_counter()
@@ -78,6 +78,7 @@ def child(args: argparse.Namespace) -> None:
         Path(args.result).write_text(json.dumps(out))
         print(f"[{args.name} h={args.hidden}] it {target}: val {point.get('val_top1', float('nan')):.2f} "
               f"test {point['test_top1']:.2f} rec {point['rec_rmse']:.5f} ({train_seconds:.0f}s)", flush=True)
+    fitter.finish(point, resumed=False)  # predictor.safetensors + metrics.json beside the result, for reuse
 
 
 def parent(args: argparse.Namespace) -> None:

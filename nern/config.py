@@ -91,6 +91,9 @@ class LossConfig:
     fmd: float = 1e-4
     warmup: int = 0
     temperature: float = 1.0
+    # raw: the paper's RMSE over all weights, dominated by the layers with the largest weights; normalized:
+    # each layer's error in units of its own weight std (fast preset), so small-weight layers are learnt too
+    rec_space: Literal["raw", "normalized"] = "raw"
 
 
 @dataclass

@@ -181,6 +181,10 @@ class Fitter:
         self.recorder = FeatureMapRecorder(setup.model)
         self.targets = setup.targets.to(self.device)
         self.originals = [w.to(self.device) for w in setup.originals]
+        self.rec_weights = None  # per-layer 1/std when the reconstruction error is measured per layer's scale
+        if cfg.loss.rec_space == "normalized":
+            self.rec_weights = [float(1 / s) for s in layer_scales(setup.originals)]
+            self.originals_rec = [w * r for w, r in zip(self.originals, self.rec_weights)]
         self.scales = setup.rep.kernel_scales()
         if self.scales is not None:
             self.scales = self.scales.to(self.device)
@@ -207,7 +211,7 @@ class Fitter:
             sampled = sampled.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
             weights = self.predict_weights(sampled)
-        rec = reconstruction_loss([w.float() for w in weights], self.originals)
+        rec = self.reconstruction(weights)
         loss = self.cfg.loss.rec * rec
         kd = fmd = torch.zeros((), device=self.device)
         if kd_w > 0 or fmd_w > 0:
@@ -235,6 +239,11 @@ class Fitter:
         self.scheduler.step()
         self.iteration += 1
         return {"loss": loss.item(), "rec": rec.item(), "kd": kd.item(), "fmd": fmd.item(), "lr": lr}
+
+    def reconstruction(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        if self.rec_weights is None:
+            return reconstruction_loss([w.float() for w in weights], self.originals)
+        return reconstruction_loss([w.float() * r for w, r in zip(weights, self.rec_weights)], self.originals_rec)
 
     # -- evaluation ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -156,3 +156,19 @@ def test_grey_data_into_rgb_model_is_refused(fashion_mnist_root, tmp_path):
 def test_splits_validation_is_carved_from_train(fashion_mnist_root):
     splits = build_splits(DataConfig(**tiny_data(fashion_mnist_root)), seed=0)
     assert len(splits.val) == 500 and len(splits.test) == 500
+
+
+def test_normalized_reconstruction_error_weighs_each_layer_by_its_own_scale(fashion_mnist_root, tmp_path):
+    """rec_space=normalized: an error of c standard deviations in every layer costs c, whatever the layer's
+    weight scale; the raw RMSE of the same error is dominated by the layers with large weights."""
+    cfg = tiny_fit(fashion_mnist_root, loss={"rec_space": "normalized"})
+    setup = prepare(cfg)
+    fitter = Fitter(cfg, setup, tmp_path)
+    torch.manual_seed(0)
+    noisy = [o + 0.1 * o.std() * torch.sign(torch.randn_like(o)) for o in fitter.originals]
+    assert math.isclose(float(fitter.reconstruction(noisy)), 0.1, rel_tol=1e-3)
+    raw = Fitter(tiny_fit(fashion_mnist_root), setup, tmp_path / "raw")
+    stds = torch.tensor([float(o.std()) for o in raw.originals])
+    counts = torch.tensor([o.numel() for o in raw.originals], dtype=torch.float)
+    expected_raw = 0.1 * math.sqrt(float((stds**2 * counts).sum() / counts.sum()))
+    assert math.isclose(float(raw.reconstruction(noisy)), expected_raw, rel_tol=1e-3)

@@ -19,6 +19,8 @@ import pandas as pd
 import pytest
 import yaml
 
+import faults
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
 TEST_CONFIG = REPO / "config" / "test.yaml"
@@ -256,6 +258,7 @@ def test_a_fit_cancelled_with_scancel_is_rerun_and_resumes_from_its_checkpoint(s
     command = [sys.executable, "-m", "snakemake", str(target.relative_to(tmp_path)), "--snakefile", str(SNAKEFILE),
                "--directory", str(tmp_path), "--configfile", str(configfile),
                "--profile", str(REPO / "workflow" / "profiles" / "slurm-ci"), "--retries", "1"]
+    run = faults.chain("fit under Slurm, scancel")
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 900
@@ -267,6 +270,7 @@ def test_a_fit_cancelled_with_scancel_is_rerun_and_resumes_from_its_checkpoint(s
                 cancelled = running_slurm_job("rule_fit")
             time.sleep(0.2)
         subprocess.run(["scancel", cancelled], check=True)
+        run.killed("scancel")
         cancel_state = slurm_state_when(cancelled, "CANCELLED")
         text, _ = proc.communicate(timeout=900)
     finally:
@@ -285,3 +289,4 @@ def test_a_fit_cancelled_with_scancel_is_rerun_and_resumes_from_its_checkpoint(s
     fits = [r for r in finished_runs(tmp_path, "scancel") if r.data.tags.get("rule") == "fit"]
     assert len(fits) == 1, f"{len(fits)} finished MLflow runs for one cancelled-and-resumed fit"
     assert all_runs(tmp_path, "scancel") == len(finished_runs(tmp_path, "scancel")), "an unfinished run was left"
+    run.completed()
