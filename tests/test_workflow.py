@@ -290,3 +290,19 @@ def test_a_fit_cancelled_with_scancel_is_rerun_and_resumes_from_its_checkpoint(s
     assert len(fits) == 1, f"{len(fits)} finished MLflow runs for one cancelled-and-resumed fit"
     assert all_runs(tmp_path, "scancel") == len(finished_runs(tmp_path, "scancel")), "an unfinished run was left"
     run.completed()
+
+
+def test_stage_times_groups_benchmark_files_by_stage(tmp_path: Path) -> None:
+    import runpy
+
+    stage_times = runpy.run_path(str(REPO / "workflow" / "scripts" / "stage_times.py"))["stage_times"]
+    files = {"net/fit/fast/reg0/none/h8.tsv": 10.0, "net/fit/fast/reg0/none/h16.tsv": 30.0,
+             "net/original/reg0.tsv": 5.0, "net/fit/fast/reg0/none/h16/compress.tsv": 7.0}
+    for name, seconds in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"s\th:m:s\n{seconds}\t0:00:{int(seconds):02d}\n")
+    table = stage_times(tmp_path)
+    assert table.loc["fit", "jobs"] == 2 and table.loc["fit", "total_s"] == 40.0
+    assert table.loc["compress", "total_s"] == 7.0 and table.loc["pretrain / import", "total_s"] == 5.0
+    assert table.loc["all stages", "total_s"] == 52.0
