@@ -117,6 +117,7 @@ def prepare(cfg: FitConfig, model: nn.Module | None = None, permutation: str | l
     from nern import models
 
     if model is None:
+        torch.manual_seed(cfg.seed)  # a config without a checkpoint gets the same random original every time
         model = models.load_model(cfg.model)
     model = model.to(cfg.device).eval()
     model.requires_grad_(False)
@@ -181,7 +182,9 @@ class Fitter:
         self.recorder = FeatureMapRecorder(setup.model)
         self.targets = setup.targets.to(self.device)
         self.originals = [w.to(self.device) for w in setup.originals]
-        self.rec_weights = None  # per-layer 1/std when the reconstruction error is measured per layer's scale
+        # rec_space=normalized: each layer's error in units of its weight std (1/std per layer)
+        self.rec_weights: list[float] | None = None
+        self.originals_rec = self.originals
         if cfg.loss.rec_space == "normalized":
             self.rec_weights = [float(1 / s) for s in layer_scales(setup.originals)]
             self.originals_rec = [w * r for w, r in zip(self.originals, self.rec_weights)]
@@ -241,6 +244,7 @@ class Fitter:
         return {"loss": loss.item(), "rec": rec.item(), "kd": kd.item(), "fmd": fmd.item(), "lr": lr}
 
     def reconstruction(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """L_rec: the paper's RMSE over all weights, or (rec_space=normalized) over per-layer standardised ones."""
         if self.rec_weights is None:
             return reconstruction_loss([w.float() for w in weights], self.originals)
         return reconstruction_loss([w.float() * r for w, r in zip(weights, self.rec_weights)], self.originals_rec)
