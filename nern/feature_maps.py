@@ -7,6 +7,9 @@ bn1(conv1), bn2(conv2) and the residual sum before its ReLU; plus the stem BN ou
 ResNet20. Normalisation layers whose path matches `exclude` (default: shortcut/downsample branches, which
 the paper does not distil) are skipped. A network without normalisation (conv biases, max-pooling) gets
 its conv outputs that feed each ReLU. Activations must be modules (`nn.ReLU`), not `F.relu`, to be seen.
+
+`map_graph` applies the same rule to a torch.fx trace of the module and returns a graph that outputs
+(output, maps): a pure function that `torch.compile` can fuse end to end (hooks would break the graph).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import contextlib
 import re
 from collections.abc import Iterator
 
+import operator
+
 import torch
-from torch import nn
+from torch import fx, nn
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 ACTIVATION_TYPES = (
@@ -75,6 +80,59 @@ class FeatureMapRecorder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+INPLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
+    return any(re.search(p, name) for p in exclude)
+
+
+def _mutates(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(modules[node.target], "inplace", False))
+    if node.op == "call_function":
+        return node.target in INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace", False))
+    return node.op == "call_method" and str(node.target).endswith("_")
+
+
+def map_graph(model: nn.Module, exclude: tuple[str, ...] = DEFAULT_EXCLUDE) -> fx.GraphModule | None:
+    """`model` traced into a graph returning (output, maps), the maps chosen by FeatureMapRecorder's rule.
+
+    The graph shares the model's parameters (same names), so `functional_call` substitutes weights into it.
+    Returns None when the module cannot be traced symbolically (data-dependent control flow): callers
+    then fall back to hooks.
+    """
+    try:
+        graph_module = fx.symbolic_trace(model)
+    except Exception:
+        return None
+    graph = graph_module.graph
+    modules = dict(graph_module.named_modules())
+    maps: list[fx.Node] = []
+    norm_nodes: set[fx.Node] = set()
+    for node in graph.nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, NORM_TYPES) and not _excluded(node.target, exclude):
+            maps.append(node)
+            norm_nodes.add(node)
+        elif isinstance(module, ACTIVATION_TYPES):
+            source = node.args[0]
+            if isinstance(source, fx.Node) and source not in norm_nodes:
+                maps.append(source)
+    # An in-place op would overwrite a map before it is returned (as in the hook recorder): copy each map
+    # as soon as it is computed.
+    if any(_mutates(node, modules) for node in graph.nodes):
+        copies = []
+        for node in maps:
+            with graph.inserting_after(node):
+                copies.append(graph.call_method("clone", (node,)))
+        maps = copies
+    output = next(node for node in graph.nodes if node.op == "output")
+    output.args = ((output.args[0], tuple(maps)),)
+    graph_module.recompile()
+    return graph_module
 
 
 def count_feature_maps(model: nn.Module, example: torch.Tensor) -> int:

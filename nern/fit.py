@@ -36,7 +36,7 @@ from nern.checkpoint import (
 from nern.config import FitConfig, flatten, to_dict
 from nern.errors import NernError
 from nern.evaluate import layer_errors, size_report, top_k_accuracy
-from nern.feature_maps import FeatureMapRecorder
+from nern.feature_maps import FeatureMapRecorder, map_graph
 from nern.layers import ConvLayer, conv_weights, find_conv_layers
 from nern.losses import fmd_loss, kd_loss, reconstruction_loss
 from nern.predictor import Predictor, count_params
@@ -171,6 +171,7 @@ class Fitter:
         self.predictor = Predictor(setup.embeddings.shape[1], cfg.predictor.hidden, cfg.predictor.depth,
                                    setup.rep.kernel_size, cfg.predictor.init).to(self.device)
         self.forward_predictor: nn.Module = torch.compile(self.predictor) if cfg.compile else self.predictor
+        self.teacher, self.student = self._networks(cfg.compile)
         self.stream = data_mod.train_stream(cfg.data, cfg.seed, setup.splits.train, data_free=cfg.data_free,
                                             device=None if self.device.type == "cpu" else self.device)
         self.total = total_iterations(cfg, self.stream.batches_per_epoch)
@@ -179,7 +180,6 @@ class Fitter:
         norms = setup.targets.norm(dim=1)
         self.sampler = KernelSampler(cfg.sampling.method, cfg.sampling.batch, setup.rep.offsets, norms,
                                      cfg.sampling.uniform_prob, seed=cfg.seed)
-        self.recorder = FeatureMapRecorder(setup.model)
         self.targets = setup.targets.to(self.device)
         self.originals = [w.to(self.device) for w in setup.originals]
         # rec_space=normalized: each layer's error in units of its weight std (1/std per layer)
@@ -220,15 +220,10 @@ class Fitter:
         if kd_w > 0 or fmd_w > 0:
             x, _ = self.stream.next()
             x = x.to(self.device, non_blocking=True)
-            with torch.no_grad(), self.recorder.record() as teacher_maps:
-                teacher_logits = self.s.model(x)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16), \
-                    self.recorder.record() as student_maps:
-                student_logits = run_reconstructed(self.s.model, self.s.rep, weights, x)
-            if kd_w > 0:
-                kd = kd_loss(student_logits.float(), teacher_logits.float(), self.cfg.loss.temperature)
-            if fmd_w > 0:
-                fmd = fmd_loss([m.float() for m in student_maps], [m.float() for m in teacher_maps])
+            with torch.no_grad():
+                teacher_logits, teacher_maps = self.teacher(x)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
+                kd, fmd = self.student(weights, x, teacher_logits, teacher_maps, kd_w > 0, fmd_w > 0)
             loss = loss + kd_w * kd + fmd_w * fmd
         if not torch.isfinite(loss):
             raise NernError(
@@ -242,6 +237,47 @@ class Fitter:
         self.scheduler.step()
         self.iteration += 1
         return {"loss": loss.item(), "rec": rec.item(), "kd": kd.item(), "fmd": fmd.item(), "lr": lr}
+
+    def _networks(self, compiled: bool) -> tuple[Any, Any]:
+        """(teacher, student): teacher(x) -> (logits, maps); student(weights, x, teacher outputs, use_kd,
+        use_fmd) -> (kd, fmd). Compiled: one fx graph per network returning its maps, so torch.compile fuses
+        normalisation, activation and the distillation reductions; eager (or an untraceable model): hooks."""
+        graph = map_graph(self.s.model) if compiled else None
+        self._recorder: FeatureMapRecorder | None = None
+        if graph is None:
+            recorder = self._recorder = FeatureMapRecorder(self.s.model)
+
+            def teacher(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                with recorder.record() as maps:
+                    return self.s.model(x), list(maps)
+
+            def student_outputs(weights: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                with recorder.record() as maps:
+                    return run_reconstructed(self.s.model, self.s.rep, weights, x), list(maps)
+        else:
+            teacher = torch.compile(graph)
+
+            def student_outputs(weights: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                logits, maps = run_reconstructed(graph, self.s.rep, weights, x)
+                return logits, list(maps)
+
+        temperature = self.cfg.loss.temperature
+
+        def student(weights: list[torch.Tensor], x: torch.Tensor, teacher_logits: torch.Tensor,
+                    teacher_maps: list[torch.Tensor], use_kd: bool, use_fmd: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            logits, maps = student_outputs(weights, x)
+            zero = logits.new_zeros(())
+            kd = kd_loss(logits.float(), teacher_logits.float(), temperature) if use_kd else zero
+            fmd = fmd_loss([m.float() for m in maps], [m.float() for m in teacher_maps]) if use_fmd else zero
+            return kd, fmd
+
+        return teacher, (torch.compile(student) if graph is not None else student)
+
+    def close(self) -> None:
+        """Remove the feature-map hooks from the original model (it may be reused by another fit)."""
+        if self._recorder is not None:
+            self._recorder.close()
+            self._recorder = None
 
     def reconstruction(self, weights: list[torch.Tensor]) -> torch.Tensor:
         """L_rec: the paper's RMSE over all weights, or (rec_space=normalized) over per-layer standardised ones."""

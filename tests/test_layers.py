@@ -1,10 +1,11 @@
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from nern.config import ModelConfig, RepresentConfig
 from nern.errors import NernError
-from nern.feature_maps import FeatureMapRecorder, count_feature_maps
+from nern.feature_maps import FeatureMapRecorder, count_feature_maps, map_graph
 from nern.layers import find_conv_layers, represented_params
 from nern.models import build_model
 
@@ -81,3 +82,43 @@ def test_torchvision_inplace_relu_maps_are_pre_activation():
 
 def test_user_cnn_maps_are_conv_outputs_feeding_relus():
     assert count_feature_maps(UserCNN().eval(), torch.randn(2, 1, 28, 28)) == 4
+
+
+def _hook_maps(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    with FeatureMapRecorder(model) as rec, torch.no_grad(), rec.record() as maps:
+        out = model(x)
+    return out, list(maps)
+
+
+@pytest.mark.parametrize("name", ["resnet20-A", "resnet20-B", "torchvision-resnet18", "user-cnn"])
+def test_map_graph_returns_exactly_the_hook_recorders_maps(name: str) -> None:
+    """The fx graph that torch.compile fuses must distil the same maps as the hooks (in-place ops included)."""
+    torch.manual_seed(0)
+    if name.startswith("resnet20"):
+        model, x = build_model(ModelConfig(arch="resnet20", shortcut=name[-1])), torch.randn(2, 3, 32, 32)
+    elif name == "torchvision-resnet18":
+        model, x = torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)
+    else:
+        model, x = UserCNN(), torch.randn(2, 1, 28, 28)
+    model.eval()
+    expected_out, expected = _hook_maps(model, x)
+    graph = map_graph(model)
+    assert graph is not None
+    with torch.no_grad():
+        out, maps = graph(x)
+    assert torch.equal(out, expected_out)
+    assert len(maps) == len(expected) > 0
+    for got, want in zip(maps, expected):
+        assert torch.equal(got, want)
+
+
+def test_map_graph_is_none_for_an_untraceable_model() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) if x.sum() > 0 else self.conv(-x)  # data-dependent: fx cannot trace it
+
+    assert map_graph(Branchy()) is None
