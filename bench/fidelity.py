@@ -55,7 +55,7 @@ def child(args: argparse.Namespace) -> None:
             "epochs=null"]
     if args.eval_limit:
         base.append(f"data.eval_limit={args.eval_limit}")
-    cfg = load_config(FitConfig, PRESETS / preset, base + overrides)
+    cfg = load_config(FitConfig, PRESETS / preset, base + overrides + args.set)
     setup = prepare(cfg, permutation=args.permutation or None)
     fitter = Fitter(cfg, setup, Path(args.result).parent / (Path(args.result).stem + "_run"))
     original = fitter.original_acc = fitter.evaluate_original()
@@ -111,7 +111,8 @@ def parent(args: argparse.Namespace) -> None:
                    "--data-root", args.data_root, "--permutation", args.permutation or "",
                    "--device", args.device, "--threads", str(args.threads), "--val-size", str(args.val_size),
                    "--eval-limit", str(args.eval_limit or 0),
-                   "--checkpoints", ",".join(map(str, args.checkpoints))]
+                   "--checkpoints", ",".join(map(str, args.checkpoints)),
+                   *[arg for item in args.set for arg in ("--set", item)]]
             running.append((subprocess.Popen(cmd), name, hidden))
             procs.append(result)
         time.sleep(1)
@@ -143,6 +144,8 @@ def main() -> None:
     p.add_argument("--val-size", type=int, default=5000)
     p.add_argument("--eval-limit", type=int, default=0)
     p.add_argument("--out", default="benchmarks/fidelity")
+    p.add_argument("--set", action="append", default=[],
+                   help="override applied to every candidate, e.g. compile=true (does not change the method)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--name", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)

@@ -51,7 +51,7 @@ from nern.reconstruct import (
 from nern.sampling import KernelSampler
 
 # Settings that do not change the numbers a run produces: a resumed run may change them.
-NON_RESULT_KEYS = ("progress", "eval_every", "checkpoint_every", "threads", "device")
+NON_RESULT_KEYS = ("progress", "eval_every", "checkpoint_every", "threads", "device", "compile")
 PREDICTOR_FILE = "predictor.safetensors"
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "curves.csv"
@@ -153,6 +153,15 @@ def _in_channels(model: nn.Module) -> int:
     return first.in_channels
 
 
+def check_compile_toolchain(device: torch.device) -> None:
+    """torch.compile on CPU generates C++: fail at the start with the fix, not deep inside the first step."""
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise NernError("compile=true on the CPU needs a C++ compiler (g++); install one (e.g. apt-get install "
+                        "g++) or set compile=false")
+
+
 def total_iterations(cfg: FitConfig, batches_per_epoch: int) -> int:
     if cfg.iterations is not None:
         return cfg.iterations
@@ -170,6 +179,8 @@ class Fitter:
         torch.manual_seed(cfg.seed)
         self.predictor = Predictor(setup.embeddings.shape[1], cfg.predictor.hidden, cfg.predictor.depth,
                                    setup.rep.kernel_size, cfg.predictor.init).to(self.device)
+        if cfg.compile:
+            check_compile_toolchain(self.device)
         self.forward_predictor: nn.Module = torch.compile(self.predictor) if cfg.compile else self.predictor
         self.teacher, self.student = self._networks(cfg.compile)
         self.stream = data_mod.train_stream(cfg.data, cfg.seed, setup.splits.train, data_free=cfg.data_free,
@@ -199,6 +210,9 @@ class Fitter:
         self.best: dict[str, Any] | None = None
         self.original_acc: dict[str, float] | None = None
         self.run_id: str | None = None
+        # Metrics reach the tracker when a checkpoint is written: iterations replayed after a kill are then
+        # logged once, not twice (their first values died with the process).
+        self._pending_metrics: list[tuple[dict[str, float], int]] = []
         inputs = tensor_digest([setup.targets, *setup.rep.positions])
         self.fingerprint = fingerprint({**flatten(to_dict(cfg)), "inputs": inputs}, NON_RESULT_KEYS)
 
@@ -314,9 +328,7 @@ class Fitter:
 
     def _record_eval(self, result: dict[str, float]) -> None:
         self.evals.append(result)
-        if self.tracker is not None:
-            self.tracker.log_metrics({f"eval/{k}": v for k, v in result.items() if k != "iteration"},
-                                     step=self.iteration)
+        self._log_metrics({f"eval/{k}": v for k, v in result.items() if k != "iteration"})
         if self.cfg.select_best_on_val and "val_top1" in result:
             if self.best is None or result["val_top1"] > self.best["val_top1"]:
                 self.best = {**result, "state": copy.deepcopy(self.predictor.state_dict())}
@@ -348,7 +360,18 @@ class Fitter:
         self.train_seconds, self.eval_seconds = state["train_seconds"], state["eval_seconds"]
         self.run_id = state["run_id"]
 
+    def _log_metrics(self, metrics: dict[str, float]) -> None:
+        if self.tracker is not None:
+            self._pending_metrics.append((metrics, self.iteration))
+
+    def flush_metrics(self) -> None:
+        while self._pending_metrics:
+            metrics, step = self._pending_metrics[0]
+            self.tracker.log_metrics(metrics, step=step)
+            self._pending_metrics.pop(0)
+
     def save(self) -> None:
+        self.flush_metrics()
         save_checkpoint(self.checkpoint_path, self.state_dict())
 
     def try_resume(self) -> bool:
@@ -375,8 +398,7 @@ class Fitter:
                 if self.iteration % log_every == 0 or self.iteration == self.total:
                     row = {"iteration": self.iteration, **losses}
                     self.curves.append(row)
-                    if self.tracker is not None:
-                        self.tracker.log_metrics({f"train/{k}": v for k, v in losses.items()}, step=self.iteration)
+                    self._log_metrics({f"train/{k}": v for k, v in losses.items()})
                 bar.set_postfix(loss=f"{losses['loss']:.4g}", rec=f"{losses['rec']:.3g}", kd=f"{losses['kd']:.3g}",
                                 fmd=f"{losses['fmd']:.3g}", refresh=False)
                 bar.update(1)
@@ -425,6 +447,7 @@ class Fitter:
         return metrics
 
     def write_outputs(self, metrics: dict[str, Any]) -> None:
+        self.flush_metrics()
         save_predictor(self.out / PREDICTOR_FILE, self.predictor, self.s.rep, self.cfg,
                        {"permutation": self.s.permutation_mode, "reconstructed_top1": metrics["reconstructed_top1"]})
         write_curves(self.out / CURVES_FILE, self.curves, self.evals)

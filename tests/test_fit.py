@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -175,6 +176,7 @@ def test_normalized_reconstruction_error_weighs_each_layer_by_its_own_scale(fash
     assert math.isclose(float(raw.reconstruction(noisy)), expected_raw, rel_tol=1e-3)
 
 
+@pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_iteration_computes_the_same_losses_and_gradients_as_eager(fashion_mnist_root):
     """compile=true (one fused fx graph per network, issue #3's throughput work) must not change the method:
     the same predictor, batch and sampled kernels give the same rec/KD/FMD and the same predictor update."""
@@ -192,3 +194,12 @@ def test_compiled_iteration_computes_the_same_losses_and_gradients_as_eager(fash
         assert a["kd"] > 0 and a["fmd"] > 0
     for p, q in zip(eager.predictor.parameters(), compiled.predictor.parameters()):
         assert torch.allclose(p, q, rtol=1e-3, atol=1e-5)
+
+
+def test_compile_without_a_cxx_compiler_is_a_user_error(fashion_mnist_root, monkeypatch):
+    import shutil as shutil_mod
+
+    monkeypatch.setattr(shutil_mod, "which", lambda name: None)
+    cfg = tiny_fit(fashion_mnist_root, compile=True)
+    with pytest.raises(NernError, match="C\\+\\+ compiler"):
+        Fitter(cfg, prepare(cfg), fashion_mnist_root / "unused")

@@ -27,9 +27,11 @@ LOGS = f"logs/{PRESET}"
 BENCHMARKS = f"benchmarks/{PRESET}"
 NETWORKS = {network["name"]: network for network in config["networks"]}
 # Jobs run the CLI with the interpreter that runs Snakemake (inside Slurm too), never whatever is on PATH.
-# NERN, MLFLOW_URI and the device are used in shell commands directly, not as params: they do not change
+# NERN, MLFLOW_URI, the device and COMPILE are used in shell commands directly, not as params: they do not change
 # results, so a new virtualenv, tracking server or GPU must not rerun finished jobs.
 NERN = f"{shlex.quote(sys.executable)} -m nern"
+# torch.compile of each fit's iteration: the same method, fused; like the device it does not rerun fits.
+COMPILE = "true" if config.get("compile", False) else "false"
 PERMUTATIONS = ("none", "infilter", "crossfilter")
 
 

@@ -29,5 +29,5 @@ rule fit:
     shell:
         "{NERN} fit --config {input.preset} --model {input.model} --permutation {input.permutation}"
         " {params.overrides} --set threads={threads} --set device={config[device]} --set progress=false"
-        " --out {params.out} --mlflow-uri {MLFLOW_URI} --experiment {PRESET} --run-name {params.run_name}"
+        " --set compile={COMPILE} --out {params.out} --mlflow-uri {MLFLOW_URI} --experiment {PRESET} --run-name {params.run_name}"
         " {params.tags} > {log} 2>&1"
