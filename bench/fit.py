@@ -8,6 +8,7 @@ and divides the achieved FLOP/s by a dense fp32 matmul's FLOP/s measured in the 
 Prints its configuration, the machine, and finally ONE JSON line.
 
     python bench/fit.py [--device cuda] [--iterations 10] [--archs resnet20,resnet56] [--set key=value ...]
+    python bench/fit.py --archs resnet20 --set compile=true --compare-eager --iterations 10   # fused vs eager
 """
 
 from __future__ import annotations
@@ -89,22 +90,38 @@ def bench_arch(arch: str, hidden: int, args: argparse.Namespace) -> dict:
     with FlopCounterMode(display=False) as counter:
         eager.step()
     flops = counter.get_total_flops()
-    eager.close()
+    compare = args.compare_eager and cfg.compile
+    if not compare:
+        eager.close()
     fitter = Fitter(cfg, setup, Path("/tmp/nern-bench-fit"))
     start = time.perf_counter()
     for _ in range(args.warmup):
         fitter.step()
     warmup_seconds = time.perf_counter() - start
-    sync(args.device)
-    start = time.perf_counter()
-    for _ in range(args.iterations):
-        fitter.step()
-    sync(args.device)
-    seconds = (time.perf_counter() - start) / args.iterations
-    return {"arch": arch, "hidden": hidden, "kernels": setup.rep.num_kernels,
-            "seconds_per_iteration": seconds, "iterations_per_second": 1 / seconds,
-            "flops_per_iteration": flops, "achieved_flops": flops / seconds,
-            "warmup_seconds": warmup_seconds, "compile": cfg.compile, "sampling": cfg.sampling.method, "sampled": cfg.sampling.batch, "batch": cfg.data.batch_size}
+    # --compare-eager: alternate rounds of the two, so a machine whose speed drifts affects both alike
+    fitters = {"configured": fitter, **({"eager": eager} if compare else {})}
+    spent = {name: 0.0 for name in fitters}
+    rounds = args.rounds if compare else 1
+    per_round = max(1, args.iterations // rounds)
+    for _ in range(rounds):
+        for name, f in fitters.items():
+            sync(args.device)
+            start = time.perf_counter()
+            for _ in range(per_round):
+                f.step()
+            sync(args.device)
+            spent[name] += time.perf_counter() - start
+    seconds = spent["configured"] / (rounds * per_round)
+    row = {"arch": arch, "hidden": hidden, "kernels": setup.rep.num_kernels,
+           "seconds_per_iteration": seconds, "iterations_per_second": 1 / seconds,
+           "flops_per_iteration": flops, "achieved_flops": flops / seconds,
+           "warmup_seconds": warmup_seconds, "compile": cfg.compile, "sampling": cfg.sampling.method,
+           "sampled": cfg.sampling.batch, "batch": cfg.data.batch_size}
+    if compare:
+        row["eager_seconds_per_iteration"] = spent["eager"] / (rounds * per_round)
+        row["eager_achieved_flops"] = flops / row["eager_seconds_per_iteration"]
+        row["speedup_over_eager"] = row["eager_seconds_per_iteration"] / seconds
+    return row
 
 
 def main() -> None:
@@ -116,6 +133,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--archs", default="resnet20,resnet56")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="with --set compile=true: also time the eager iteration, in alternating rounds")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds for --compare-eager")
     p.add_argument("--set", action="append", default=[], help="FitConfig override, e.g. compile=true")
     args = p.parse_args()
     if args.threads:
@@ -129,6 +149,11 @@ def main() -> None:
         row = bench_arch(arch, SETTINGS[arch], args)
         row["fraction_of_matmul"] = row["achieved_flops"] / peak
         rows.append(row)
+        if "eager_seconds_per_iteration" in row:
+            row["eager_fraction_of_matmul"] = row["eager_achieved_flops"] / peak
+            print(f"{arch} h={row['hidden']} eager (same rounds): {row['eager_seconds_per_iteration']:.3f} s/it = "
+                  f"{100 * row['eager_fraction_of_matmul']:.1f}% of matmul; compiled is "
+                  f"{row['speedup_over_eager']:.2f}x faster", flush=True)
         print(f"{arch} h={row['hidden']}: {row['seconds_per_iteration']:.3f} s/it, "
               f"{row['flops_per_iteration'] / 1e9:.1f} GFLOP/it, {row['achieved_flops'] / 1e9:.1f} GFLOP/s "
               f"= {100 * row['fraction_of_matmul']:.1f}% of matmul ({peak / 1e9:.1f} GFLOP/s)", flush=True)
