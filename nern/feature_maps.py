@@ -15,10 +15,9 @@ its conv outputs that feed each ReLU. Activations must be modules (`nn.ReLU`), n
 from __future__ import annotations
 
 import contextlib
+import operator
 import re
 from collections.abc import Iterator
-
-import operator
 
 import torch
 from torch import fx, nn
