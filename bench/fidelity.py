@@ -45,6 +45,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from nern.config import FitConfig, load_config
+    from nern.errors import NernError
     from nern.fit import Fitter, prepare
 
     torch.set_num_threads(args.threads)
@@ -61,12 +62,25 @@ def child(args: argparse.Namespace) -> None:
     original = fitter.original_acc = fitter.evaluate_original()
     out = {"name": args.name, "hidden": args.hidden, "preset": preset, "overrides": overrides,
            "original": original, "points": []}
+    out["trace"] = []  # mean training losses (and gradient norm) per window of --trace-every iterations
+    window: list[dict[str, float]] = []
     start = time.perf_counter()
     train_seconds = 0.0
     for target in sorted(args.checkpoints):
         tick = time.perf_counter()
         while fitter.iteration < target:
-            losses = fitter.step()
+            try:
+                losses = fitter.step()
+            except NernError as exc:  # a diverged candidate is a result too: keep its trace, say where it died
+                out["error"] = str(exc)
+                Path(args.result).write_text(json.dumps(out))
+                print(f"[{args.name} h={args.hidden}] FAILED: {exc}", flush=True)
+                return
+            window.append(losses)
+            if len(window) == args.trace_every:
+                out["trace"].append({"iteration": fitter.iteration,
+                                     **{k: sum(w[k] for w in window) / len(window) for k in losses}})
+                window = []
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         train_seconds += time.perf_counter() - tick
@@ -111,7 +125,7 @@ def parent(args: argparse.Namespace) -> None:
                    "--data-root", args.data_root, "--permutation", args.permutation or "",
                    "--device", args.device, "--threads", str(args.threads), "--val-size", str(args.val_size),
                    "--eval-limit", str(args.eval_limit or 0),
-                   "--checkpoints", ",".join(map(str, args.checkpoints)),
+                   "--checkpoints", ",".join(map(str, args.checkpoints)), "--trace-every", str(args.trace_every),
                    *[arg for item in args.set for arg in ("--set", item)]]
             running.append((subprocess.Popen(cmd), name, hidden))
             procs.append(result)
@@ -121,6 +135,8 @@ def parent(args: argparse.Namespace) -> None:
     print(f"{'candidate':<28}{'h':>5}  " + "  ".join(f"{c:>13}" for c in args.checkpoints))
     for r in results:
         cells = [f"{p.get('val_top1', 0):6.2f}/{p['test_top1']:6.2f}" for p in r["points"]]
+        if "error" in r:
+            cells.append(r["error"].split(";")[0])
         print(f"{r['name']:<28}{r['hidden']:>5}  " + "  ".join(f"{c:>13}" for c in cells))
     print("(cells: val/test top-1 %; original test top-1 "
           + ", ".join(sorted({f"{r['original']['test_top1']:.2f}" for r in results})) + ")")
@@ -144,6 +160,8 @@ def main() -> None:
     p.add_argument("--val-size", type=int, default=5000)
     p.add_argument("--eval-limit", type=int, default=0)
     p.add_argument("--out", default="benchmarks/fidelity")
+    p.add_argument("--trace-every", type=int, default=50,
+                   help="average the training losses over windows of this many iterations (JSON 'trace')")
     p.add_argument("--set", action="append", default=[],
                    help="override applied to every candidate, e.g. compile=true (does not change the method)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -123,6 +123,8 @@ class OptimConfig:
     weight_decay: float = 1e-3
     min_lr: float = 1e-6
     warmup_iterations: int = 0
+    # cap the predictor's gradient L2 norm (null: no cap); the step's norm before clipping is logged as grad_norm
+    clip_grad_norm: float | None = None
 
 
 @dataclass
@@ -369,6 +371,10 @@ def validate(cfg: Any) -> None:
         _require(0.0 <= cfg.sampling.uniform_prob <= 1.0, "sampling.uniform_prob", "must be in [0, 1]")
         _require(cfg.optim.lr > 0, "optim.lr", "must be > 0")
         _require(len(cfg.optim.betas) == 2, "optim.betas", "must hold two numbers")
+        _require(cfg.optim.warmup_iterations >= 0, "optim.warmup_iterations", "must be >= 0")
+        if cfg.optim.clip_grad_norm is not None:
+            _require(cfg.optim.clip_grad_norm > 0, "optim.clip_grad_norm",
+                     f"must be > 0 or null (no clipping), got {cfg.optim.clip_grad_norm}")
         _require(cfg.iterations is not None or cfg.epochs is not None, "iterations", "set iterations or epochs")
         if cfg.iterations is not None:
             _require(cfg.iterations >= 0, "iterations", "must be >= 0")

@@ -246,11 +246,22 @@ class Fitter:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norm = self.clip_gradients()
         self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.iteration += 1
-        return {"loss": loss.item(), "rec": rec.item(), "kd": kd.item(), "fmd": fmd.item(), "lr": lr}
+        return {"loss": loss.item(), "rec": rec.item(), "kd": kd.item(), "fmd": fmd.item(), "lr": lr,
+                "grad_norm": grad_norm.item()}
+
+    def clip_gradients(self) -> torch.Tensor:
+        """The gradient's L2 norm before clipping (a cheap divergence warning in the curves), clipped to
+        optim.clip_grad_norm when that is set."""
+        grads = [p.grad for p in self.predictor.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.cfg.optim.clip_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.predictor.parameters(), self.cfg.optim.clip_grad_norm, norm)
+        return norm
 
     def _networks(self, compiled: bool) -> tuple[Any, Any]:
         """(teacher, student): teacher(x) -> (logits, maps); student(weights, x, teacher outputs, use_kd,

@@ -23,13 +23,14 @@ def plot_training_curves(curves_csv: str | Path, out_png: str | Path) -> None:
     plt = _pyplot()
     df = pd.read_csv(curves_csv)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for column in ("loss", "rec", "kd", "fmd", "ce"):
+    for column in ("loss", "rec", "kd", "fmd", "ce", "grad_norm"):
         if column in df and df[column].notna().any() and (df[column].fillna(0) > 0).any():
             series = df[["iteration", column]].dropna()
-            ax_loss.plot(series["iteration"], series[column], label=column)
+            ax_loss.plot(series["iteration"], series[column], label=column,
+                         linestyle="--" if column == "grad_norm" else "-")  # a spike warns of divergence
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("iteration")
-    ax_loss.set_title("losses")
+    ax_loss.set_title("losses and gradient norm")
     ax_loss.legend(fontsize=8)
     for column in ("eval_test_top1", "eval_val_top1", "val_top1"):
         if column in df and df[column].notna().any():

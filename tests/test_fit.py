@@ -140,6 +140,25 @@ def test_warmup_and_rec_only_phase_zero_the_distillation():
     assert distillation_weights(cfg, 20) == (cfg.loss.kd, cfg.loss.fmd)
 
 
+def test_gradient_clipping_caps_the_update_and_reports_the_raw_norm(fashion_mnist_root, tmp_path):
+    """Both fitters see identical gradients at step 0; only the clipped one must rescale them to the cap."""
+    seen = {}
+    for name, cap in (("free", None), ("clipped", 1e-3)):
+        cfg = tiny_fit(fashion_mnist_root, iterations=4, optim={"clip_grad_norm": cap})
+        fitter = Fitter(cfg, prepare(cfg), tmp_path / name)
+        step_grads = []
+        fitter.optimizer.register_step_pre_hook(
+            lambda opt, *_: step_grads.append(torch.nn.utils.get_total_norm(
+                [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None])))
+        seen[name] = (fitter.step()["grad_norm"], float(step_grads[0]))
+    (free_reported, free_applied), (clipped_reported, clipped_applied) = seen["free"], seen["clipped"]
+    assert free_reported == pytest.approx(clipped_reported, rel=1e-5) and free_reported > 1e-2
+    assert free_applied == pytest.approx(free_reported, rel=1e-5)
+    assert clipped_applied == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(NernError, match="optim.clip_grad_norm"):
+        tiny_fit(fashion_mnist_root, optim={"clip_grad_norm": 0})
+
+
 def test_nan_loss_is_a_user_error_and_writes_no_output(fashion_mnist_root, tmp_path):
     cfg = tiny_fit(fashion_mnist_root, iterations=4)
     setup = prepare(cfg)
