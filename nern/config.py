@@ -125,6 +125,8 @@ class OptimConfig:
     warmup_iterations: int = 0
     # cap the predictor's gradient L2 norm (null: no cap); the step's norm before clipping is logged as grad_norm
     clip_grad_norm: float | None = None
+    # peak learning rate of the reconstruction-only phase (null: optim.lr); that phase has its own cosine schedule
+    rec_only_lr: float | None = None
 
 
 @dataclass
@@ -141,7 +143,10 @@ class FitConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     iterations: int | None = 600
     epochs: float | None = None
-    rec_only_iterations: int = 0  # fast preset: reconstruction-only phase before distillation starts
+    # Reconstruction-only steps BEFORE the distillation schedule (fast preset): no images, so each is a few times
+    # cheaper than an iteration; they have their own cosine schedule (peak optim.rec_only_lr), and the optimiser
+    # state is reset when distillation starts. `iterations`/`epochs` count the distillation schedule only.
+    rec_only_iterations: int = 0
     data_free: bool = False  # distil on U[-2, 2] noise in normalised input space instead of task images
     eval_every: int = 200
     checkpoint_every: int = 100
@@ -375,6 +380,10 @@ def validate(cfg: Any) -> None:
         if cfg.optim.clip_grad_norm is not None:
             _require(cfg.optim.clip_grad_norm > 0, "optim.clip_grad_norm",
                      f"must be > 0 or null (no clipping), got {cfg.optim.clip_grad_norm}")
+        if cfg.optim.rec_only_lr is not None:
+            _require(cfg.optim.rec_only_lr > 0, "optim.rec_only_lr",
+                     f"must be > 0 or null (use optim.lr), got {cfg.optim.rec_only_lr}")
+        _require(cfg.rec_only_iterations >= 0, "rec_only_iterations", f"must be >= 0, got {cfg.rec_only_iterations}")
         _require(cfg.iterations is not None or cfg.epochs is not None, "iterations", "set iterations or epochs")
         if cfg.iterations is not None:
             _require(cfg.iterations >= 0, "iterations", "must be >= 0")

@@ -87,22 +87,33 @@ def make_optimizer(cfg: FitConfig, params: Any) -> torch.optim.Optimizer:
 
 
 def make_scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up (optional) then cosine annealing to `min_lr`, stepped every iteration."""
+    """Two phases on one step counter, each annealing to `min_lr` with a cosine stepped every iteration: the
+    reconstruction-only steps (peak optim.rec_only_lr), then the `total` distillation iterations (optional
+    linear warm-up, peak optim.lr). A fitted-to-the-weights predictor needs a far gentler distillation step
+    than a random one, hence the two peaks."""
+    rec = cfg.rec_only_iterations
+    rec_peak = (cfg.optim.rec_only_lr or cfg.optim.lr) / cfg.optim.lr
     warm = cfg.optim.warmup_iterations
     floor = cfg.optim.min_lr / cfg.optim.lr
 
+    def cosine(progress: float, peak: float) -> float:
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     def factor(step: int) -> float:
+        if step < rec:
+            return cosine(step / rec, rec_peak)
+        step -= rec
         if step < warm:
             return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return cosine((step - warm) / max(1, total - warm), 1.0)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def distillation_weights(cfg: FitConfig, iteration: int) -> tuple[float, float]:
-    """(kd, fmd) weights at this iteration: zero during warm-up and the reconstruction-only phase."""
-    if iteration < max(cfg.loss.warmup, cfg.rec_only_iterations):
+    """(kd, fmd) weights at this step: zero in the reconstruction-only phase and the `loss.warmup` iterations
+    after it."""
+    if iteration < cfg.rec_only_iterations + cfg.loss.warmup:
         return 0.0, 0.0
     return cfg.loss.kd, cfg.loss.fmd
 
@@ -185,9 +196,10 @@ class Fitter:
         self.teacher, self.student = self._networks(cfg.compile)
         self.stream = data_mod.train_stream(cfg.data, cfg.seed, setup.splits.train, data_free=cfg.data_free,
                                             device=None if self.device.type == "cpu" else self.device)
-        self.total = total_iterations(cfg, self.stream.batches_per_epoch)
+        self.distillation_total = total_iterations(cfg, self.stream.batches_per_epoch)
+        self.total = cfg.rec_only_iterations + self.distillation_total
         self.optimizer = make_optimizer(cfg, self.predictor.parameters())
-        self.scheduler = make_scheduler(cfg, self.optimizer, self.total)
+        self.scheduler = make_scheduler(cfg, self.optimizer, self.distillation_total)
         norms = setup.targets.norm(dim=1)
         self.sampler = KernelSampler(cfg.sampling.method, cfg.sampling.batch, setup.rep.offsets, norms,
                                      cfg.sampling.uniform_prob, seed=cfg.seed)
@@ -222,6 +234,8 @@ class Fitter:
         return kernels_to_weights(kernels, self.s.rep)
 
     def step(self) -> dict[str, float]:
+        if self.iteration == self.cfg.rec_only_iterations and self.iteration > 0:
+            self.reset_optimizer_state()
         kd_w, fmd_w = distillation_weights(self.cfg, self.iteration)
         sampled = self.sampler.sample()
         if sampled is not None:
@@ -253,6 +267,12 @@ class Fitter:
         self.iteration += 1
         return {"loss": loss.item(), "rec": rec.item(), "kd": kd.item(), "fmd": fmd.item(), "lr": lr,
                 "grad_norm": grad_norm.item()}
+
+    def reset_optimizer_state(self) -> None:
+        """Distillation starts with fresh moments (and a fresh Lookahead anchor): the reconstruction phase's
+        second moments are those of a much smaller gradient, and would turn the first distillation steps into
+        huge ones."""
+        self.optimizer.state.clear()
 
     def clip_gradients(self) -> torch.Tensor:
         """The gradient's L2 norm before clipping (a cheap divergence warning in the curves), clipped to
@@ -441,6 +461,8 @@ class Fitter:
             **sizes,
             "permutation": self.s.permutation_mode,
             "iterations": self.iteration,
+            "rec_only_iterations": min(self.iteration, self.cfg.rec_only_iterations),
+            "distillation_iterations": max(0, self.iteration - self.cfg.rec_only_iterations),
             "wall_seconds": self.train_seconds + self.eval_seconds,
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,

@@ -99,7 +99,7 @@ def load_rows(manifest: dict[str, Any]) -> pd.DataFrame:
             "predictor_params": metrics.get("predictor_params"),
             "size_ratio": metrics.get("size_ratio"),
             "rec_rmse": metrics.get("rec_rmse"),
-            "iterations": metrics.get("iterations"),
+            "iterations": metrics.get("distillation_iterations", metrics.get("iterations")),  # the data budget
         })
     if not records:
         raise NernError("the manifest lists no runs; add a grid to the preset's networks")

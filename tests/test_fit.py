@@ -136,8 +136,36 @@ def test_data_free_fit_runs_on_noise_and_evaluates_on_real_test_set(fashion_mnis
 def test_warmup_and_rec_only_phase_zero_the_distillation():
     cfg = load_config(FitConfig, base={"loss": {"warmup": 10}, "rec_only_iterations": 20})
     assert distillation_weights(cfg, 5) == (0.0, 0.0)
-    assert distillation_weights(cfg, 19) == (0.0, 0.0)
-    assert distillation_weights(cfg, 20) == (cfg.loss.kd, cfg.loss.fmd)
+    assert distillation_weights(cfg, 29) == (0.0, 0.0)  # the warm-up counts from the end of the rec-only phase
+    assert distillation_weights(cfg, 30) == (cfg.loss.kd, cfg.loss.fmd)
+
+
+def test_rec_only_phase_has_its_own_schedule_and_restarts_the_optimiser(fashion_mnist_root, tmp_path):
+    """Two cosine cycles (peaks rec_only_lr then lr), fresh optimiser moments at the switch, no images read
+    before it, and `iterations` counting the distillation iterations only."""
+    cfg = tiny_fit(fashion_mnist_root, iterations=6, rec_only_iterations=4,
+                   optim={"lr": 1e-3, "rec_only_lr": 1e-2, "min_lr": 1e-6})
+    fitter = Fitter(cfg, prepare(cfg), tmp_path)
+    assert fitter.total == 10
+    position = lambda: {k: v for k, v in fitter.stream.state_dict().items() if k != "generator"}  # noqa: E731
+    start = position()
+    lrs, losses = [], []
+    for _ in range(10):
+        if fitter.iteration == 4:
+            assert position() == start  # the rec-only phase read no images
+        losses.append(fitter.step())
+        lrs.append(losses[-1]["lr"])
+        if fitter.iteration == 5:  # the first distillation step ran on fresh moments
+            steps = {float(st["step"]) for st in fitter.optimizer.state.values()}
+            assert steps == {1.0}
+    assert lrs[0] == pytest.approx(1e-2) and lrs[4] == pytest.approx(1e-3)
+    assert lrs[3] < lrs[0] / 2 and lrs[9] < lrs[4] / 2
+    assert all(x["kd"] == 0 and x["fmd"] == 0 for x in losses[:4])
+    assert all(x["fmd"] > 0 for x in losses[4:])
+    with pytest.raises(NernError, match="optim.rec_only_lr"):
+        tiny_fit(fashion_mnist_root, optim={"rec_only_lr": -1.0})
+    with pytest.raises(NernError, match="rec_only_iterations"):
+        tiny_fit(fashion_mnist_root, rec_only_iterations=-1)
 
 
 def test_gradient_clipping_caps_the_update_and_reports_the_raw_norm(fashion_mnist_root, tmp_path):
