@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nern.artifacts import atomic_path
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _pyplot():
@@ -14,6 +18,21 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def distillation_start(df: "pd.DataFrame") -> float | None:
+    """The first logged iteration with a distillation term, when a reconstruction-only phase came first: the
+    losses jump there, and a reader should see why."""
+    terms = [df[c].fillna(0) > 0 for c in ("kd", "fmd") if c in df]
+    if not terms:
+        return None
+    on = terms[0]
+    for term in terms[1:]:
+        on = on | term
+    logged = df[[c for c in ("kd", "fmd") if c in df]].notna().any(axis=1)
+    if not on.any() or on[logged].iloc[0]:
+        return None
+    return float(df.loc[on.idxmax(), "iteration"])
 
 
 def plot_training_curves(curves_csv: str | Path, out_png: str | Path) -> None:
@@ -28,6 +47,10 @@ def plot_training_curves(curves_csv: str | Path, out_png: str | Path) -> None:
             series = df[["iteration", column]].dropna()
             ax_loss.plot(series["iteration"], series[column], label=column,
                          linestyle="--" if column == "grad_norm" else "-")  # a spike warns of divergence
+    start = distillation_start(df)
+    if start is not None:
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(start, color="grey", linestyle=":", linewidth=1, label="distillation starts")
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("iteration")
     ax_loss.set_title("losses and gradient norm")
