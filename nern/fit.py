@@ -270,8 +270,7 @@ class Fitter:
 
     def reset_optimizer_state(self) -> None:
         """Distillation starts with fresh moments (and a fresh Lookahead anchor): the reconstruction phase's
-        second moments are those of a much smaller gradient, and would turn the first distillation steps into
-        huge ones."""
+        moments belong to a far smaller gradient (ResNet20: norm ~0.01 at its end, ~400 once distilling)."""
         self.optimizer.state.clear()
 
     def clip_gradients(self) -> torch.Tensor:
