@@ -23,13 +23,11 @@ def _pyplot():
 def distillation_start(df: "pd.DataFrame") -> float | None:
     """The first logged iteration with a distillation term, when a reconstruction-only phase came first: the
     losses jump there, and a reader should see why."""
-    terms = [df[c].fillna(0) > 0 for c in ("kd", "fmd") if c in df]
-    if not terms:
+    columns = [c for c in ("kd", "fmd") if c in df]
+    if not columns:
         return None
-    on = terms[0]
-    for term in terms[1:]:
-        on = on | term
-    logged = df[[c for c in ("kd", "fmd") if c in df]].notna().any(axis=1)
+    on = (df[columns].fillna(0) > 0).any(axis=1)
+    logged = df[columns].notna().any(axis=1)
     if not on.any() or on[logged].iloc[0]:
         return None
     return float(df.loc[on.idxmax(), "iteration"])
