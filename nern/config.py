@@ -334,6 +334,12 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     return cfg
 
 
+def check_overrides(cls: type, overrides: list[str]) -> None:
+    """Key names and value types of some overrides alone, without range checks: a bad key is bad in any
+    combination, so the pipeline can name the config tree it came from before validating the merged one."""
+    _build(cls, parse_overrides(overrides))
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

@@ -14,6 +14,7 @@ per permutation mode, and training curves per network.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,9 @@ import pandas as pd
 import yaml
 
 from nern.artifacts import atomic_path, read_json, read_metadata
+from nern.config import flatten
 from nern.errors import NernError
+from nern.grid import Manifest
 
 PERMUTATION_ORDER = ("none", "infilter", "crossfilter")
 PERMUTATION_COLOURS = {"none": "tab:blue", "infilter": "tab:orange", "crossfilter": "tab:green"}
@@ -44,12 +47,9 @@ def read_yaml_file(path: str | Path, what: str) -> dict[str, Any]:
     return data
 
 
-def load_manifest(path: str | Path) -> dict[str, Any]:
-    manifest = read_yaml_file(path, "manifest")
-    for key in ("preset", "networks", "rows"):
-        if key not in manifest:
-            raise NernError(f"manifest {path} has no '{key}'; regenerate it with the pipeline's manifest rule")
-    return manifest
+def load_manifest(path: str | Path) -> Manifest:
+    """The manifest's schema is nern.grid's, which writes it: a missing or unknown key is a user error."""
+    return Manifest.from_dict(read_yaml_file(path, "manifest"), f"manifest {path}")
 
 
 def load_published(path: str | Path | None) -> dict[str, Any]:
@@ -74,26 +74,17 @@ def resolved_config(run_dir: str | Path) -> dict[str, Any]:
     return flatten(read_metadata(path).get("config", {}))
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def load_rows(manifest: dict[str, Any]) -> pd.DataFrame:
-    """One frame row per manifest row, joined with the metrics of the run that fills it."""
+def load_rows(manifest: Manifest) -> pd.DataFrame:
+    """One frame row per manifest row (its columns are nern.grid.Row's fields), joined with the metrics of the
+    run that fills it."""
     records = []
     cache: dict[str, dict[str, Any]] = {}
-    for row in manifest["rows"]:
-        if row["dir"] not in cache:
-            cache[row["dir"]] = run_metrics(row["dir"])
-        metrics = cache[row["dir"]]
+    for row in manifest.rows:
+        if row.dir not in cache:
+            cache[row.dir] = run_metrics(row.dir)
+        metrics = cache[row.dir]
         records.append({
-            **row,
+            **dataclasses.asdict(row),
             "original_top1": metrics.get("original_top1"),
             "reconstructed_top1": metrics.get("reconstructed_top1"),
             "predictor_params": metrics.get("predictor_params"),
@@ -443,13 +434,13 @@ def make_tables(manifest_path: str | Path, published_path: str | Path | None, ta
     rows = load_rows(manifest)
     written: list[Path] = []
     for name, table in build_tables(rows, published).items():
-        written += write_table(table, tables_dir, name, table_caption(manifest["preset"], name))
+        written += write_table(table, tables_dir, name, table_caption(manifest.preset, name))
     figures = Path(figures_dir)
     plot_accuracy_vs_size(rows, published, figures / "accuracy_vs_size.png")
     written.append(figures / "accuracy_vs_size.png")
-    for network in manifest["networks"]:
-        path = figures / f"training_curves_{network['name']}.png"
-        plot_network_curves(rows, network["name"], path)
+    for network in manifest.networks:
+        path = figures / f"training_curves_{network.name}.png"
+        plot_network_curves(rows, network.name, path)
         written.append(path)
     return written
 

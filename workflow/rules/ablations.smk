@@ -15,7 +15,4 @@ use rule fit as fit_ablation with:
     benchmark:
         f"{BENCHMARKS}/{{net}}/{ABLATION_SUBDIR}.tsv"
     params:
-        overrides=lambda wildcards: fit_overrides(wildcards, variant_set(wildcards)),
-        tags=lambda wildcards: fit_tags(wildcards, "fit_ablation", wildcards.variant),
-        run_name=lambda wildcards: fit_run_name(wildcards, wildcards.variant),
-        out=lambda wildcards, output: os.path.dirname(output.metrics),
+        **fit_params("ablation", "fit_ablation"),

@@ -8,21 +8,8 @@
 FIT_POINT = r"(fit|data-free|ablation/[A-Za-z0-9][A-Za-z0-9_.+-]*)/[^/]+/(imported|reg[0-9.e+-]+)/(none|infilter|crossfilter)/h[0-9]+"
 
 
-def fitted_nern_dirs():
-    """The fit directories the applications run on: with `applications: all`, every distinct fit the tables use
-    (main grid, regularisation, ablations, data-free); with `reference`, each network's reference fit only."""
-    if config.get("applications", "all") == "reference":
-        dirs = set()
-        for network in config["networks"]:
-            ref = reference(network)
-            point = (ref["fit_preset"], original_id(network, ref["smoothness"]), ref["permutation"], ref["hidden"])
-            dirs.add(Fit("fit", network["name"], *point).dir)
-        return sorted(dirs)
-    return sorted({row["dir"] for row in ROWS})
-
-
 def application_outputs(stage, files):
-    return [f"{fit_dir}/{stage}/{name}" for fit_dir in fitted_nern_dirs() for name in files]
+    return [f"{fit_dir}/{stage}/{name}" for fit_dir in grid.application_dirs(config, ROWS) for name in files]
 
 
 def application_model(wildcards):
@@ -40,24 +27,20 @@ def application_resources(stage):
     return rule_resources(stage if stage in config["resources"] else "fit")
 
 
-def application_args(stage):
-    """Stage options from an optional `<stage>:` section of the preset (e.g. sparsities, finetune_iterations);
-    absent: the CLI's defaults. Keys become --kebab-case flags, lists become comma-separated values."""
-    args = []
-    for key, value in (config.get(stage) or {}).items():
-        if isinstance(value, (list, tuple)):
-            value = ",".join(str(v) for v in value)
-        args.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
-    return " ".join(args)
-
-
 def application_data(wildcards):
     """The network's data settings (the fit's own are the base; the config's current ones win)."""
-    return set_args(network_data(network_of(wildcards)))
+    network = network_of(wildcards)
+    return grid.set_args([(f"networks[{network['name']}].data", {"data": network["data"]})])
 
 
 def application_tags(wildcards, rule_name):
-    return tag_args(rule=rule_name, preset=PRESET, network=wildcards.net, fit=wildcards.fitpoint)
+    return grid.tag_args(rule=rule_name, preset=PRESET, network=wildcards.net, fit=wildcards.fitpoint)
+
+
+def application_report(path, caption, category, result):
+    """An application output in the Snakemake report: one subcategory per network, labelled by fit and result."""
+    return report(path, caption=f"../report/{caption}.rst", category=category, subcategory="{net}",
+                  labels={"fit": "{fitpoint}", "result": result})
 
 
 def compress_outputs():
@@ -72,9 +55,11 @@ rule compress:
         model=application_model,
         predictor=f"{RESULTS}/{{net}}/{{fitpoint}}/predictor.safetensors",
     output:
-        table=f"{RESULTS}/{{net}}/{{fitpoint}}/compress/compression.csv",
+        table=application_report(f"{RESULTS}/{{net}}/{{fitpoint}}/compress/compression.csv",
+                                 "table_compression", "Meta-compression", "bytes and accuracy per file"),
         markdown=f"{RESULTS}/{{net}}/{{fitpoint}}/compress/compression.md",
-        figure=f"{RESULTS}/{{net}}/{{fitpoint}}/compress/accuracy_vs_bytes.png",
+        figure=application_report(f"{RESULTS}/{{net}}/{{fitpoint}}/compress/accuracy_vs_bytes.png",
+                                  "figure_accuracy_vs_bytes", "Meta-compression", "accuracy vs bytes"),
         metrics=f"{RESULTS}/{{net}}/{{fitpoint}}/compress/metrics.json",
     log:
         f"{LOGS}/{{net}}/{{fitpoint}}/compress.log",
@@ -85,7 +70,7 @@ rule compress:
         **application_resources("compress"),
     params:
         data=application_data,
-        options=application_args("compress"),
+        options=grid.stage_options(config, "compress"),
         tags=lambda wildcards: application_tags(wildcards, "compress"),
         out=lambda wildcards, output: os.path.dirname(output.metrics),
     shell:

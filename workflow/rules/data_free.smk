@@ -14,7 +14,4 @@ use rule fit as fit_data_free with:
     benchmark:
         f"{BENCHMARKS}/{{net}}/{DATA_FREE_SUBDIR}.tsv"
     params:
-        overrides=lambda wildcards: fit_overrides(wildcards, {"data_free": True}),
-        tags=lambda wildcards: fit_tags(wildcards, "fit_data_free", "data-free"),
-        run_name=lambda wildcards: fit_run_name(wildcards, "data-free"),
-        out=lambda wildcards, output: os.path.dirname(output.metrics),
+        **fit_params("data-free", "fit_data_free", "data-free"),

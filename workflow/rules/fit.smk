@@ -7,7 +7,7 @@ FIT_OUT = f"{RESULTS}/{{net}}/{FIT_SUBDIR}"
 
 rule fit:
     input:
-        preset=lambda wildcards: fit_preset_file(wildcards.fit_preset),
+        preset=fit_preset_input,
         model=original_model,
         permutation=permutation_input,
     output:
@@ -22,10 +22,7 @@ rule fit:
     resources:
         **rule_resources("fit"),
     params:
-        overrides=lambda wildcards: fit_overrides(wildcards),
-        tags=lambda wildcards: fit_tags(wildcards, "fit"),
-        run_name=lambda wildcards: fit_run_name(wildcards),
-        out=lambda wildcards, output: os.path.dirname(output.metrics),
+        **fit_params("fit", "fit"),
     shell:
         "{NERN} fit --config {input.preset} --model {input.model} --permutation {input.permutation}"
         " {params.overrides} --set threads={threads} --set device={config[device]} --set progress=false"

@@ -16,11 +16,15 @@ rule importance:
         model=application_model,
         predictor=f"{RESULTS}/{{net}}/{{fitpoint}}/predictor.safetensors",
     output:
-        table=f"{RESULTS}/{{net}}/{{fitpoint}}/importance/importance.csv",
+        table=application_report(f"{RESULTS}/{{net}}/{{fitpoint}}/importance/importance.csv",
+                                 "table_importance", "Weight importance", "top-1 after pruning"),
         markdown=f"{RESULTS}/{{net}}/{{fitpoint}}/importance/importance.md",
-        pruning=f"{RESULTS}/{{net}}/{{fitpoint}}/importance/pruning.png",
-        maps=f"{RESULTS}/{{net}}/{{fitpoint}}/importance/error_maps.png",
-        kernels=f"{RESULTS}/{{net}}/{{fitpoint}}/importance/kernels.png",
+        pruning=application_report(f"{RESULTS}/{{net}}/{{fitpoint}}/importance/pruning.png",
+                                   "figure_pruning", "Weight importance", "pruning curves"),
+        maps=application_report(f"{RESULTS}/{{net}}/{{fitpoint}}/importance/error_maps.png",
+                                "figure_error_maps", "Weight importance", "error maps"),
+        kernels=application_report(f"{RESULTS}/{{net}}/{{fitpoint}}/importance/kernels.png",
+                                   "figure_kernels", "Weight importance", "kernels"),
         metrics=f"{RESULTS}/{{net}}/{{fitpoint}}/importance/metrics.json",
     log:
         f"{LOGS}/{{net}}/{{fitpoint}}/importance.log",
@@ -31,7 +35,7 @@ rule importance:
         **application_resources("importance"),
     params:
         data=application_data,
-        options=application_args("importance"),
+        options=grid.stage_options(config, "importance"),
         tags=lambda wildcards: application_tags(wildcards, "importance"),
         out=lambda wildcards, output: os.path.dirname(output.metrics),
     shell:

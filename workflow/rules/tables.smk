@@ -9,18 +9,18 @@ rule manifest:
         f"{LOGS}/manifest.log",
     localrule: True
     params:
-        manifest=manifest(),
+        manifest=grid.manifest(config, ROWS).to_dict(),
     run:
-        write_yaml(output[0], params.manifest)
+        grid.write_manifest(output[0], params.manifest)
         Path(log[0]).write_text(f"{len(params.manifest['rows'])} table rows -> {output[0]}\n")
 
 
 rule tables:
     input:
         manifest=f"{RESULTS}/manifest.yaml",
-        fits=fit_metrics(),
-        curves=[path.replace("metrics.json", "curves.csv") for path in fit_metrics()],
-        originals=original_metrics(),
+        fits=grid.fit_metrics(ROWS),
+        curves=[path.replace("metrics.json", "curves.csv") for path in grid.fit_metrics(ROWS)],
+        originals=grid.original_metrics(PRESET, ROWS),
         published=published_inputs(),
     output:
         table_outputs(),

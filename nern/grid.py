@@ -1,0 +1,471 @@
+"""The experiment design of one pipeline preset, without Snakemake: which fits a preset asks for, which table
+row each fills (the manifest that `nern tables` reads), and the `--set` overrides every job runs with.
+
+The workflow (workflow/rules/*.smk) turns these into rules and paths. Everything a preset can get wrong is
+checked here when the DAG is built, so a typo fails before any job starts, naming the key: consistency the
+JSON schema cannot express (`check_network`), and every job's merged settings against the typed configs of
+nern.config (`validate_jobs`).
+
+A fit's settings merge in this order, later winning: the fit preset file, the network's `data`, its `fit`,
+its `fit_per_preset[<fit preset>]`, the ablation variant's `set` (or data_free=true), the grid's hidden size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nern.config import FitConfig, PretrainConfig, check_overrides, load_config, read_yaml
+from nern.errors import NernError
+
+Tree = dict[str, Any]
+NamedTree = tuple[str, Tree]  # (where in the config it comes from, the overrides)
+
+# -- the manifest: which run fills which table row (written by the workflow, read by nern.tables) ----------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of one table and the run directory whose metrics fill it."""
+
+    group: str  # main | regularisation | ablation_<group> | data_free: the table
+    label: str
+    network: str
+    task: str
+    arch: str
+    published: str | None  # key in the published-numbers file
+    stage: str  # fit | ablation | data-free: which rule ran it
+    fit_preset: str
+    original: str  # reg<factor> | imported
+    smoothness: float | None
+    permutation: str
+    hidden: int
+    variant: str
+    data_free: bool
+    overrides: dict[str, Any]  # the row's own settings over the reference fit, flattened (ablations)
+    dir: str
+
+
+@dataclass(frozen=True)
+class ManifestNetwork:
+    name: str
+    task: str
+    arch: str
+    published: str | None
+    originals: dict[str, str] = field(default_factory=dict)  # original id -> its directory
+
+
+@dataclass(frozen=True)
+class Manifest:
+    preset: str
+    description: str
+    networks: list[ManifestNetwork]
+    rows: list[Row]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "manifest") -> Manifest:
+        """Parse a manifest file's mapping; a missing or unknown key means it was written by another version."""
+        top = _fields(cls, data, source)
+        return cls(preset=top["preset"], description=top["description"],
+                   networks=[ManifestNetwork(**_fields(ManifestNetwork, n, f"{source} networks[{i}]"))
+                             for i, n in enumerate(top["networks"])],
+                   rows=[Row(**_fields(Row, r, f"{source} rows[{i}]")) for i, r in enumerate(top["rows"])])
+
+
+def _fields(cls: type, data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise NernError(f"{where} must be a mapping; regenerate the manifest with the pipeline's manifest rule")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    required = [name for name, f in known.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in required:
+        if name not in data:
+            raise NernError(f"{where} has no '{name}'; regenerate the manifest with the pipeline's manifest rule")
+    for name in data:
+        if name not in known:
+            raise NernError(f"{where} has an unknown key '{name}'; regenerate the manifest with the pipeline")
+    return dict(data)
+
+
+# -- the fits a preset asks for ----------------------------------------------------------------------------
+
+
+def results_dir(preset: str) -> str:
+    return f"results/{preset}"
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One NeRN fit job; its directory is its identity (a fit shared by several tables runs once)."""
+
+    preset: str  # the pipeline preset (config name)
+    stage: str  # fit | ablation | data-free
+    net: str
+    fit_preset: str
+    orig: str
+    perm: str
+    hidden: int
+    variant: str = ""
+
+    @property
+    def point(self) -> str:
+        return f"{self.fit_preset}/{self.orig}/{self.perm}/h{self.hidden}"
+
+    @property
+    def dir(self) -> str:
+        kind = {"fit": "fit", "ablation": f"ablation/{self.variant}", "data-free": "data-free"}[self.stage]
+        return f"{results_dir(self.preset)}/{self.net}/{kind}/{self.point}"
+
+
+def network(config: Tree, name: str) -> Tree:
+    for net in config["networks"]:
+        if net["name"] == name:
+            return net
+    raise NernError(f"no network '{name}' in networks ({', '.join(n['name'] for n in config['networks'])})")
+
+
+def factor_id(smoothness: float) -> str:
+    return f"{float(smoothness):g}"
+
+
+def original_id(net: Tree, smoothness: float | None = None) -> str:
+    if net["original"]["source"] == "import":
+        return "imported"
+    return f"reg{factor_id(0 if smoothness is None else smoothness)}"
+
+
+def grid_smoothness(net: Tree) -> list[float | None]:
+    return net["grid"].get("smoothness", [0]) if net["original"]["source"] == "pretrain" else [None]
+
+
+def reference(net: Tree) -> dict[str, Any]:
+    """The point the ablations, regularisation and data-free runs share (default: the grid's first values)."""
+    grid, ref = net["grid"], net.get("reference") or {}
+    return {
+        "fit_preset": ref.get("fit_preset", grid["fit_presets"][0]),
+        "smoothness": ref.get("smoothness", grid_smoothness(net)[0]),
+        "permutation": ref.get("permutation", grid["permutations"][0]),
+        "hidden": ref.get("hidden", grid["hidden"][0]),
+    }
+
+
+def reference_fit(preset: str, net: Tree, stage: str = "fit", variant: str = "", perm: str | None = None,
+                  hidden: int | None = None) -> Fit:
+    ref = reference(net)
+    return Fit(preset, stage, net["name"], ref["fit_preset"], original_id(net, ref["smoothness"]),
+               perm or ref["permutation"], hidden or ref["hidden"], variant)
+
+
+def ablation_variants(net: Tree) -> list[tuple[str, Tree]]:
+    """(group, variant) of every ablation variant, in table order."""
+    return [(group["group"], variant) for group in net.get("ablations") or [] for variant in group["variants"]]
+
+
+def variant_set(net: Tree, name: str) -> NamedTree:
+    """The overrides of ablation variant `name` and where they are in the config."""
+    for group, variant in ablation_variants(net):
+        if variant["name"] == name:
+            return f"networks[{net['name']}].ablations[{group}].variants[{name}].set", variant.get("set") or {}
+    raise NernError(f"network {net['name']} has no ablation variant '{name}'")
+
+
+# -- consistency the schema cannot express -----------------------------------------------------------------
+
+
+def check_network(config: Tree, net: Tree) -> None:
+    """Fails before any job starts, naming the key."""
+    name, presets = net["name"], config["fit_presets"]
+    used = [("grid.fit_presets", p) for p in net["grid"]["fit_presets"]]
+    used += [("reference.fit_preset", (net.get("reference") or {}).get("fit_preset"))]
+    used += [(f"fit_per_preset.{p}", p) for p in net.get("fit_per_preset") or {}]
+    for key, preset in used:
+        if preset is not None and preset not in presets:
+            raise NernError(f"networks[{name}].{key}: fit preset '{preset}' is not in fit_presets "
+                            f"({', '.join(presets)})")
+    for preset, tree in (net.get("fit_per_preset") or {}).items():
+        for key in flatten(tree):
+            if key.startswith("represent."):
+                raise NernError(f"networks[{name}].fit_per_preset.{preset}.{key}: the represented layers are "
+                                f"shared by all fits of a network (its permutations cover them); set it in "
+                                f"networks[{name}].fit")
+    if net["original"]["source"] == "import":
+        if "regularisation" in net:
+            raise NernError(f"networks[{name}].regularisation: an imported network has no pretraining to regularise")
+        if "smoothness" in (net.get("reference") or {}):
+            raise NernError(f"networks[{name}].reference.smoothness: an imported network has no smoothness factor")
+    known: dict[str, Tree] = {}
+    for _, variant in ablation_variants(net):
+        settings = flatten(variant.get("set"))
+        if known.setdefault(variant["name"], settings) != settings:
+            raise NernError(f"networks[{name}]: ablation variant '{variant['name']}' is defined twice, "
+                            "with different settings")
+
+
+def check_resources(config: Tree) -> None:
+    """A network's resources override the preset's per key, so each key needs a preset-wide default."""
+    for net in config["networks"]:
+        for rule, extra in (net.get("resources") or {}).items():
+            missing = sorted(set(extra) - set((config.get("resources") or {}).get(rule, {})))
+            if missing:
+                raise NernError(f"networks[{net['name']}].resources.{rule}.{missing[0]} needs a preset-wide "
+                                f"default in resources.{rule}")
+
+
+def network_resource(config: Tree, net: str, rule: str, key: str) -> Any:
+    return (network(config, net).get("resources") or {}).get(rule, {}).get(key, config["resources"][rule][key])
+
+
+# -- the table rows they fill --------------------------------------------------------------------------------
+
+
+def _row(group: str, label: Any, net: Tree, fit: Fit, smoothness: float | None, overrides: Tree | None = None) -> Row:
+    return Row(group=group, label=str(label), network=net["name"], task=net["task"], arch=net["model"]["arch"],
+               published=net.get("published"), stage=fit.stage, fit_preset=fit.fit_preset, original=fit.orig,
+               smoothness=None if smoothness is None else float(smoothness), permutation=fit.perm,
+               hidden=int(fit.hidden), variant=fit.variant, data_free=fit.stage == "data-free",
+               overrides=dict(sorted(flatten(overrides).items())), dir=fit.dir)
+
+
+def main_rows(preset: str, net: Tree) -> list[Row]:
+    grid = net["grid"]
+    return [_row("main", fit_preset, net, Fit(preset, "fit", net["name"], fit_preset, original_id(net, s), perm, h), s)
+            for fit_preset in grid["fit_presets"] for s in grid_smoothness(net)
+            for perm in grid["permutations"] for h in grid["hidden"]]
+
+
+def regularisation_rows(preset: str, net: Tree) -> list[Row]:
+    reg, ref = net.get("regularisation"), reference(net)
+    if not reg:
+        return []
+    return [_row("regularisation", factor_id(s), net,
+                 Fit(preset, "fit", net["name"], ref["fit_preset"], original_id(net, s), perm, h), s)
+            for s in reg["smoothness"] for perm in reg.get("permutations", [ref["permutation"]])
+            for h in reg.get("hidden", [ref["hidden"]])]
+
+
+def ablation_rows(preset: str, net: Tree) -> list[Row]:
+    """A variant without settings is the reference fit itself."""
+    rows, smoothness = [], reference(net)["smoothness"]
+    for group, variant in ablation_variants(net):
+        settings = variant.get("set") or {}
+        fit = reference_fit(preset, net, "ablation", variant["name"]) if flatten(settings) else reference_fit(preset, net)
+        rows.append(_row(f"ablation_{group}", variant["name"], net, fit, smoothness, settings))
+    return rows
+
+
+def data_free_rows(preset: str, net: Tree) -> list[Row]:
+    free, ref = net.get("data_free"), reference(net)
+    if free is None:
+        return []
+    rows = []
+    for perm in free.get("permutations", [ref["permutation"]]):
+        for h in free.get("hidden", [ref["hidden"]]):
+            rows.append(_row("data_free", "task data", net, reference_fit(preset, net, perm=perm, hidden=h),
+                             ref["smoothness"]))
+            rows.append(_row("data_free", "data-free", net, reference_fit(preset, net, "data-free", perm=perm, hidden=h),
+                             ref["smoothness"], {"data_free": True}))
+    return rows
+
+
+def table_rows(config: Tree) -> list[Row]:
+    """Every (table, row label) -> fit, in table order; checks each network first."""
+    rows: list[Row] = []
+    for net in config["networks"]:
+        check_network(config, net)
+        for rows_of in (main_rows, regularisation_rows, ablation_rows, data_free_rows):
+            rows += rows_of(config["name"], net)
+    return rows
+
+
+def row_fit(preset: str, row: Row) -> Fit:
+    return Fit(preset, row.stage, row.network, row.fit_preset, row.original, row.permutation, row.hidden, row.variant)
+
+
+def table_names(rows: list[Row]) -> list[str]:
+    """main, regularisation, ablation_<group>..., data_free: the tables `nern tables` writes, in order."""
+    return list(dict.fromkeys(row.group for row in rows))
+
+
+def fit_metrics(rows: list[Row]) -> list[str]:
+    return sorted({f"{row.dir}/metrics.json" for row in rows})
+
+
+def original_dir(preset: str, net: str, orig: str) -> str:
+    return f"{results_dir(preset)}/{net}/original/{orig}"
+
+
+def original_metrics(preset: str, rows: list[Row]) -> list[str]:
+    """metrics.json of each original network the fits use."""
+    return sorted({f"{original_dir(preset, row.network, row.original)}/metrics.json" for row in rows})
+
+
+def manifest(config: Tree, rows: list[Row]) -> Manifest:
+    preset, networks = config["name"], []
+    for net in config["networks"]:
+        originals = sorted({row.original for row in rows if row.network == net["name"]})
+        networks.append(ManifestNetwork(net["name"], net["task"], net["model"]["arch"], net.get("published"),
+                                        {orig: original_dir(preset, net["name"], orig) for orig in originals}))
+    return Manifest(preset, config.get("description", ""), networks, rows)
+
+
+def write_manifest(path: str | Path, data: dict[str, Any]) -> None:
+    """Atomically, so an interrupted write never leaves half a manifest behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+
+
+def application_dirs(config: Tree, rows: list[Row]) -> list[str]:
+    """The fits meta-compression and weight importance run on: `applications: all`, every distinct fit of the
+    tables; `reference`, each network's reference fit only."""
+    if config.get("applications", "all") == "reference":
+        return sorted({reference_fit(config["name"], net).dir for net in config["networks"]})
+    return sorted({row.dir for row in rows})
+
+
+# -- the overrides each job runs with ------------------------------------------------------------------------
+
+
+def flatten(tree: Tree | None, prefix: str = "") -> Tree:
+    """{'loss': {'kd': 0}} and {'loss.kd': 0} both become {'loss.kd': 0}."""
+    flat: Tree = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def yaml_scalar(value: Any) -> str:
+    """A value as the CLI's `--set key=value` parses it back (a YAML scalar or flow list)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return yaml.safe_dump(list(value), default_flow_style=True).strip()
+    return str(value)
+
+
+def set_items(trees: list[NamedTree]) -> list[str]:
+    """`key=value` of the merged trees, later trees winning, sorted: the YAML's key order (which params
+    change detection would see) must not rerun anything."""
+    merged: Tree = {}
+    for _, tree in trees:
+        merged.update(flatten(tree))
+    return [f"{key}={yaml_scalar(value)}" for key, value in sorted(merged.items())]
+
+
+def set_args(trees: list[NamedTree]) -> str:
+    return " ".join(f"--set {shlex.quote(item)}" for item in set_items(trees))
+
+
+def tag_args(**tags: Any) -> str:
+    return " ".join(f"--tag {shlex.quote(f'{key}={value}')}" for key, value in tags.items())
+
+
+def fit_trees(net: Tree, fit: Fit) -> list[NamedTree]:
+    """A fit's result-changing overrides over its fit preset file, in merge order. Threads, device and progress
+    bars are set in the shell command, so a different --cores or device does not rerun finished fits."""
+    name = f"networks[{net['name']}]"
+    trees = [(f"{name}.data", {"data": net["data"]}), (f"{name}.fit", net.get("fit") or {}),
+             (f"{name}.fit_per_preset.{fit.fit_preset}", (net.get("fit_per_preset") or {}).get(fit.fit_preset) or {})]
+    if fit.stage == "ablation":
+        trees.append(variant_set(net, fit.variant))
+    elif fit.stage == "data-free":
+        trees.append((f"{name}.data_free", {"data_free": True}))
+    return trees + [("the grid's predictor size", {"predictor.hidden": int(fit.hidden)})]
+
+
+def represent_trees(net: Tree) -> list[NamedTree]:
+    """The represented layers a network's fits use, so its permutations cover the same layers."""
+    fit = flatten(net.get("fit"))
+    return [(f"networks[{net['name']}].fit", {k: v for k, v in fit.items() if k.startswith("represent.")})]
+
+
+def original_trees(net: Tree, smoothness: str | None = None) -> list[NamedTree]:
+    """An original network's pretrain (with `smoothness`, the factor id) or import overrides."""
+    name, original = f"networks[{net['name']}]", net["original"]
+    if original["source"] == "pretrain" and smoothness is None:
+        raise NernError(f"{name} is pretrained; its originals are reg<factor>, not imported")
+    if original["source"] == "import" and smoothness is not None:
+        raise NernError(f"{name} imports its weights; it has no reg{smoothness} original")
+    last = {"model.checkpoint": original["checkpoint"]} if smoothness is None else {"smoothness": float(smoothness)}
+    return [(f"{name}.model", {"model": net["model"]}), (f"{name}.data", {"data": net["data"]}),
+            (f"{name}.original.set", original.get("set") or {}), (f"{name}.original", last)]
+
+
+def fit_tags(fit: Fit, task: str, rule: str, variant: str = "default") -> str:
+    return tag_args(rule=rule, preset=fit.preset, network=fit.net, task=task, fit_preset=fit.fit_preset,
+                    original=fit.orig, permutation=fit.perm, hidden=fit.hidden, variant=variant)
+
+
+def fit_run_name(fit: Fit, variant: str = "") -> str:
+    point = f"{fit.net}/{fit.point}"
+    return shlex.quote(f"{variant}:{point}" if variant else point)
+
+
+def stage_options(config: Tree, stage: str) -> str:
+    """Options of an application stage from the preset's optional `<stage>:` section, as --kebab-case flags
+    (lists comma-separated); absent: the CLI's defaults."""
+    args = []
+    for key, value in (config.get(stage) or {}).items():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        args.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+    return " ".join(args)
+
+
+# -- every job's settings, validated when the DAG is built ---------------------------------------------------
+
+
+def repo_file(repo: str | Path, path: str) -> str:
+    """Files the repository ships (fit presets, published numbers): relative paths are relative to it."""
+    return str(path) if os.path.isabs(path) else str(Path(repo) / path)
+
+
+def fit_preset_file(config: Tree, repo: str | Path, name: str) -> str:
+    if name not in config["fit_presets"]:
+        raise NernError(f"fit preset '{name}' is not in fit_presets ({', '.join(config['fit_presets'])})")
+    return repo_file(repo, config["fit_presets"][name])
+
+
+def check_job(cls: type, preset: Tree, trees: list[NamedTree], job: str) -> None:
+    """Each tree's keys and types alone first (so the error names the tree a typo is in), then the merged
+    settings the job will run with (over the fit preset file's `preset`), range checks included."""
+    for source, tree in trees:
+        try:
+            check_overrides(cls, set_items([(source, tree)]))
+        except NernError as exc:
+            raise NernError(f"{source}: {exc}") from None
+    try:
+        load_config(cls, None, set_items(trees), base=preset)
+    except NernError as exc:
+        raise NernError(f"{job}: {exc}") from None
+
+
+def validate_jobs(config: Tree, repo: str | Path, rows: list[Row]) -> None:
+    """The typed config of every fit, pretrain and import job the rows need, as the CLI will build it."""
+    fits = {row.dir: row_fit(config["name"], row) for row in rows}
+    presets: dict[str, Tree] = {}  # each fit preset file read once (as load_config reads it)
+    for fit in fits.values():
+        if fit.fit_preset not in presets:
+            presets[fit.fit_preset] = read_yaml(fit_preset_file(config, repo, fit.fit_preset))
+        check_job(FitConfig, presets[fit.fit_preset], fit_trees(network(config, fit.net), fit),
+                  f"the {fit.stage} fit {fit.dir} (fit preset '{fit.fit_preset}')")
+    for net_name, orig in sorted({(row.network, row.original) for row in rows}):
+        net = network(config, net_name)
+        smoothness = None if orig == "imported" else orig.removeprefix("reg")
+        check_job(PretrainConfig, {}, original_trees(net, smoothness), f"the original {net_name}/{orig}")
