@@ -1,6 +1,6 @@
 import pytest
 
-from nern.config import FitConfig, flatten, load_config, to_dict
+from nern.config import FitConfig, check_overrides, flatten, load_config, to_dict
 from nern.errors import NernError
 
 
@@ -35,3 +35,11 @@ def test_bad_values_name_the_key(override, needle):
 def test_flatten_roundtrip_keys():
     flat = flatten(to_dict(FitConfig()))
     assert flat["predictor.hidden"] == 180 and "model.arch" in flat
+
+
+def test_check_overrides_checks_keys_and_types_but_not_ranges():
+    check_overrides(FitConfig, ["predictor.depth=1", "iterations=null"])  # invalid alone, fine merged
+    with pytest.raises(NernError, match=r"predictor\.hiden"):
+        check_overrides(FitConfig, ["predictor.hiden=3"])
+    with pytest.raises(NernError, match=r"predictor\.hidden"):
+        check_overrides(FitConfig, ["predictor.hidden=abc"])

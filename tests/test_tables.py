@@ -156,3 +156,11 @@ def test_cli_registers_the_tables_stage(manifest: Path, tmp_path: Path, capsys: 
     assert (tmp_path / "t" / "main.md").is_file()
     assert main(["tables", "--manifest", str(tmp_path / "nope.yaml"), "--tables", "t", "--figures", "f"]) == 2
     assert "nern tables: error: manifest" in capsys.readouterr().err
+
+
+def test_a_manifest_row_without_a_key_of_the_schema_is_a_user_error_naming_it(manifest: Path) -> None:
+    data = yaml.safe_load(manifest.read_text())
+    del data["rows"][2]["permutation"]
+    manifest.write_text(yaml.safe_dump(data))
+    with pytest.raises(NernError, match=r"rows\[2\] has no 'permutation'"):
+        tables.load_manifest(manifest)

@@ -140,6 +140,18 @@ def test_a_config_typo_fails_before_any_job_naming_the_key(tmp_path: Path) -> No
     assert "hiden" in output(done)
 
 
+def test_a_typo_in_an_ablation_setting_fails_the_dry_run_naming_the_key(tmp_path: Path) -> None:
+    """The schema cannot see inside `set:`; nern.grid validates every job's merged settings at DAG build."""
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    config["networks"][0]["ablations"][0]["variants"][0]["set"] = {"loss.kdd": 0}
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(config))
+    done = snakemake(["-n", "--snakefile", str(SNAKEFILE), "--directory", str(tmp_path), "--configfile",
+                      str(tmp_path / "typo.yaml")], cwd=tmp_path, timeout_s=300)
+    assert done.returncode != 0
+    assert "networks[fmnist-resnet8].ablations[loss].variants[rec].set: unknown config key 'loss.kdd'" in output(done)
+    assert "Job stats" not in output(done)  # no DAG was built
+
+
 # -- end to end ----------------------------------------------------------------------------------------------
 
 

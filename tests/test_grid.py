@@ -1,0 +1,221 @@
+"""nern.grid: the experiment design of a pipeline preset (rows, manifest, overrides, validation), no Snakemake."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nern import grid
+from nern.errors import NernError
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = {"fast": "config/presets/fast.yaml", "paper": "config/presets/paper.yaml"}
+
+
+def preset(**network_extra) -> dict:
+    """A small preset: one pretrained network, a 2 x 2 x 2 main grid, every kind of side table."""
+    network = {
+        "name": "net", "task": "Task", "published": None,
+        "model": {"arch": "resnet8", "in_channels": 1, "num_classes": 10},
+        "data": {"name": "fashion_mnist", "root": "data"},
+        "original": {"source": "pretrain", "set": {"epochs": 1}},
+        "fit": {"iterations": 10, "eval_every": 5},
+        "grid": {"fit_presets": ["fast", "paper"], "smoothness": [0], "permutations": ["none", "crossfilter"],
+                 "hidden": [8, 16]},
+        "reference": {"permutation": "crossfilter", "hidden": 16},
+        "regularisation": {"smoothness": [0, 1e-4], "permutations": ["none"]},
+        "ablations": [{"group": "loss", "variants": [{"name": "rec", "set": {"loss.kd": 0, "loss.fmd": 0}},
+                                                     {"name": "rec+kd+fmd"}]}],
+        "data_free": {},
+    }
+    network.update(network_extra)
+    return {"name": "unit", "description": "unit preset", "fit_presets": dict(PRESETS), "networks": [network]}
+
+
+def rows_of(config: dict, group: str) -> list[grid.Row]:
+    return [row for row in grid.table_rows(config) if row.group == group]
+
+
+# -- rows and manifest ---------------------------------------------------------------------------------------
+
+
+def test_rows_fill_every_table_in_order_and_share_the_reference_fit() -> None:
+    config = preset()
+    rows = grid.table_rows(config)
+    assert grid.table_names(rows) == ["main", "regularisation", "ablation_loss", "data_free"]
+    main = rows_of(config, "main")
+    assert len(main) == 2 * 2 * 2 and {row.label for row in main} == {"fast", "paper"}
+    reference = "results/unit/net/fit/fast/reg0/crossfilter/h16"
+    assert reference in {row.dir for row in main}
+    ablation = {row.label: row for row in rows_of(config, "ablation_loss")}
+    assert ablation["rec+kd+fmd"].dir == reference and ablation["rec+kd+fmd"].stage == "fit"
+    assert ablation["rec"].dir == "results/unit/net/ablation/rec/fast/reg0/crossfilter/h16"
+    assert ablation["rec"].overrides == {"loss.fmd": 0, "loss.kd": 0}
+    regularisation = rows_of(config, "regularisation")
+    assert [row.dir for row in regularisation] == ["results/unit/net/fit/fast/reg0/none/h16",
+                                                   "results/unit/net/fit/fast/reg0.0001/none/h16"]
+    free = rows_of(config, "data_free")
+    assert [(row.label, row.stage, row.data_free) for row in free] == [("task data", "fit", False),
+                                                                     ("data-free", "data-free", True)]
+    assert free[0].dir == reference and free[1].dir == "results/unit/net/data-free/fast/reg0/crossfilter/h16"
+
+
+def test_an_imported_network_has_one_original_and_no_smoothness() -> None:
+    config = preset(original={"source": "import", "checkpoint": "w.th"})
+    del config["networks"][0]["regularisation"]
+    rows = grid.table_rows(config)
+    assert {row.original for row in rows} == {"imported"} and {row.smoothness for row in rows} == {None}
+    assert grid.original_metrics("unit", rows) == ["results/unit/net/original/imported/metrics.json"]
+
+
+def test_the_manifest_round_trips_through_yaml_and_its_schema_names_a_missing_key() -> None:
+    config = preset()
+    manifest = grid.manifest(config, grid.table_rows(config))
+    assert manifest.networks[0].originals == {"reg0": "results/unit/net/original/reg0",
+                                              "reg0.0001": "results/unit/net/original/reg0.0001"}
+    text = yaml.safe_dump(manifest.to_dict(), sort_keys=False)
+    assert grid.Manifest.from_dict(yaml.safe_load(text)) == manifest
+    broken = yaml.safe_load(text)
+    del broken["rows"][3]["dir"]
+    with pytest.raises(NernError, match=r"rows\[3\] has no 'dir'"):
+        grid.Manifest.from_dict(broken)
+    broken = yaml.safe_load(text)
+    broken["rows"][0]["hiden"] = 8
+    with pytest.raises(NernError, match="unknown key 'hiden'"):
+        grid.Manifest.from_dict(broken)
+
+
+def test_applications_run_on_every_fit_or_on_each_reference_fit() -> None:
+    config = preset()
+    rows = grid.table_rows(config)
+    assert grid.application_dirs(config, rows) == sorted({row.dir for row in rows})
+    config["applications"] = "reference"
+    assert grid.application_dirs(config, rows) == ["results/unit/net/fit/fast/reg0/crossfilter/h16"]
+
+
+# -- overrides -------------------------------------------------------------------------------------------------
+
+
+def fit_sets(config: dict, stage: str, fit_preset: str, variant: str = "") -> list[str]:
+    fit = grid.Fit("unit", stage, "net", fit_preset, "reg0", "crossfilter", 16, variant)
+    return grid.set_items(grid.fit_trees(config["networks"][0], fit))
+
+
+def test_fit_overrides_merge_network_preset_variant_and_size_in_order() -> None:
+    config = preset(fit={"iterations": 10, "loss": {"kd": 0.5}},
+                    fit_per_preset={"paper": {"loss.kd": 1e-5, "loss.warmup": 7}})
+    assert fit_sets(config, "fit", "fast") == ["data.name=fashion_mnist", "data.root=data", "iterations=10",
+                                               "loss.kd=0.5", "predictor.hidden=16"]
+    paper = fit_sets(config, "fit", "paper")
+    assert "loss.kd=1e-05" in paper and "loss.warmup=7" in paper and "loss.kd=0.5" not in paper
+    assert "loss.kd=0" in fit_sets(config, "ablation", "paper", "rec")  # the variant wins over both
+    assert "data_free=true" in fit_sets(config, "data-free", "fast")
+    assert fit_sets(config, "fit", "fast") == sorted(fit_sets(config, "fit", "fast"))  # YAML order is irrelevant
+
+
+def test_pretrain_and_import_overrides() -> None:
+    network = preset()["networks"][0]
+    assert grid.set_items(grid.original_trees(network, "0.0001"))[-1] == "smoothness=0.0001"
+    assert "epochs=1" in grid.set_items(grid.original_trees(network, "0"))
+    with pytest.raises(NernError, match="is pretrained"):
+        grid.original_trees(network)
+    imported = preset(original={"source": "import", "checkpoint": "w.th"})["networks"][0]
+    assert "model.checkpoint=w.th" in grid.set_items(grid.original_trees(imported))
+    with pytest.raises(NernError, match="imports its weights"):
+        grid.original_trees(imported, "0")
+
+
+def test_set_args_quote_values_for_the_shell() -> None:
+    args = grid.set_args([("t", {"optim": {"betas": [0.9, 0.99]}, "data.root": "a dir"})])
+    assert args == "--set 'data.root=a dir' --set 'optim.betas=[0.9, 0.99]'"
+
+
+# -- validation before any job starts ------------------------------------------------------------------------
+
+
+def validate(config: dict) -> None:
+    grid.validate_jobs(config, REPO, grid.table_rows(config))
+
+
+def test_a_valid_preset_validates() -> None:
+    validate(preset(fit_per_preset={"paper": {"loss.kd": 1e-5}}))
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda n: n["ablations"][0]["variants"][0]["set"].update({"loss.kdd": 0}),
+     r"networks\[net\]\.ablations\[loss\]\.variants\[rec\]\.set: unknown config key 'loss\.kdd'"),
+    (lambda n: n.update(fit_per_preset={"paper": {"sampling": {"methd": "all"}}}),
+     r"networks\[net\]\.fit_per_preset\.paper: unknown config key 'sampling\.methd'"),
+    (lambda n: n["fit"].update({"iteratons": 5}), r"networks\[net\]\.fit: unknown config key 'iteratons'"),
+    (lambda n: n["original"]["set"].update({"loss.kd": 0}),  # a fit key in the pretraining settings
+     r"networks\[net\]\.original\.set: unknown config key 'loss'"),
+    (lambda n: n["data"].update({"batch_sise": 4}), r"networks\[net\]\.data: unknown config key 'data\.batch_sise'"),
+    (lambda n: n["fit"].update({"sampling.method": "bogus"}), r"networks\[net\]\.fit: config key 'sampling\.method'"),
+])
+def test_a_typo_anywhere_fails_naming_the_key_and_where_it_is(change, needle: str) -> None:
+    config = preset()
+    change(config["networks"][0])
+    with pytest.raises(NernError, match=needle):
+        validate(config)
+
+
+def test_a_merged_setting_out_of_range_names_the_job() -> None:
+    config = preset(fit_per_preset={"paper": {"predictor.depth": 1}})
+    with pytest.raises(NernError, match=r"fit results/unit/net/fit/paper/.*'predictor\.depth'"):
+        validate(config)
+    validate(preset(fit_per_preset={"fast": {"predictor.depth": 3}}))  # the same key in range is fine
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda n: n.update(fit_per_preset={"papr": {}}), r"networks\[net\]\.fit_per_preset\.papr: fit preset 'papr'"),
+    (lambda n: n["grid"].update(fit_presets=["fast", "slow"]), r"networks\[net\]\.grid\.fit_presets: fit preset 'slow'"),
+    (lambda n: n.update(fit_per_preset={"paper": {"represent.max_kernel": 1}}),
+     r"fit_per_preset\.paper\.represent\.max_kernel: the represented layers are shared"),
+    (lambda n: n["ablations"].append({"group": "again", "variants": [{"name": "rec", "set": {"loss.kd": 1}}]}),
+     "variant 'rec' is defined twice"),
+])
+def test_network_consistency_the_schema_cannot_express(change, needle: str) -> None:
+    config = preset()
+    change(config["networks"][0])
+    with pytest.raises(NernError, match=needle):
+        grid.table_rows(config)
+
+
+def test_a_network_resource_needs_a_preset_wide_default() -> None:
+    config = preset(resources={"fit": {"runtime": 5}})
+    config["resources"] = {"fit": {"mem_mb": 1}}
+    with pytest.raises(NernError, match=r"networks\[net\]\.resources\.fit\.runtime"):
+        grid.check_resources(config)
+    config["resources"]["fit"]["runtime"] = 1
+    grid.check_resources(config)
+    assert grid.network_resource(config, "net", "fit", "runtime") == 5
+    assert grid.network_resource(config, "net", "fit", "mem_mb") == 1
+
+
+# -- the shipped presets ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["config.yaml", "config/test.yaml", "config/cifar10-public.yaml",
+                                  "config/paper.yaml"])
+def test_every_shipped_preset_validates(path: str) -> None:
+    validate(yaml.safe_load((REPO / path).read_text()))
+
+
+def test_cifar10_public_gives_resnet56_the_papers_distillation_weights_under_paper_only() -> None:
+    config = yaml.safe_load((REPO / "config" / "cifar10-public.yaml").read_text())
+    network = grid.network(config, "cifar10-resnet56")
+    sets = {p: grid.set_items(grid.fit_trees(network, grid.Fit("c", "fit", network["name"], p, "imported", "none", 280)))
+            for p in ("fast", "paper")}
+    assert "loss.kd=1e-05" in sets["paper"] and "loss.fmd=1e-05" in sets["paper"]
+    assert not any(item.startswith(("loss.kd", "loss.fmd")) for item in sets["fast"])  # fast keeps its 1.0
+    assert "iterations=5000" in sets["fast"] and "iterations=5000" in sets["paper"]
+
+
+def test_validation_leaves_the_config_unchanged() -> None:
+    config = preset()
+    before = copy.deepcopy(config)
+    validate(config)
+    assert config == before  # the design reads the config; Snakemake's params see it unchanged
