@@ -182,6 +182,25 @@ def test_tiny_preset_runs_end_to_end_locally(tmp_path: Path) -> None:
                         str(TEST_CONFIG), "--report", str(tmp_path / "report.html")], cwd=tmp_path, timeout_s=600)
     assert report.returncode == 0, tail(report)
     assert (tmp_path / "report.html").stat().st_size > 10_000
+    check_report((tmp_path / "report.html").read_text(), tmp_path, "test")
+
+
+def check_report(html: str, workdir: Path, preset: str) -> None:
+    """The report lists every table and figure, the applications' next to the paper's, each with its caption
+    rendered (wildcards filled in)."""
+    results = workdir / "results"
+    shown = [results / "tables" / preset / "main.csv", results / "figures" / preset / "accuracy_vs_size.png"]
+    for stage, names in {"compress": ["compression.csv", "accuracy_vs_bytes.png"],
+                         "importance": ["importance.csv", "pruning.png", "error_maps.png", "kernels.png"]}.items():
+        found = sorted((results / preset).glob(f"**/{stage}/{names[0]}"))
+        assert found, f"no {stage} outputs"
+        shown += [path.parent / name for path in found for name in names]
+    for path in shown:
+        assert json.dumps(str(path.relative_to(workdir))) in html, f"{path} is not in the report"
+    for category in ("Tables", "Figures", "Meta-compression", "Weight importance"):
+        assert json.dumps(category) in html, category
+    assert "Meta-compression of the NeRN fit" in html and "Weight importance from NeRN" in html
+    assert "{{ snakemake" not in html
 
 
 def slurm_config(path: Path) -> Path:
