@@ -442,14 +442,20 @@ def fit_preset_file(config: Tree, repo: str | Path, name: str) -> str:
     return repo_file(repo, config["fit_presets"][name])
 
 
-def check_job(cls: type, preset: Tree, trees: list[NamedTree], job: str) -> None:
-    """Each tree's keys and types alone first (so the error names the tree a typo is in), then the merged
-    settings the job will run with (over the fit preset file's `preset`), range checks included."""
+def check_job(cls: type, preset: Tree, trees: list[NamedTree], job: str, checked: set | None = None) -> None:
+    """Each tree's keys and types alone first (so the error names the tree a typo is in; `checked` holds the
+    trees already seen), then the merged settings the job will run with (over the fit preset file's
+    `preset`), range checks included."""
+    checked = set() if checked is None else checked
     for source, tree in trees:
+        items = set_items([(source, tree)])
+        if (cls, *items) in checked:
+            continue
         try:
-            check_overrides(cls, set_items([(source, tree)]))
+            check_overrides(cls, items)
         except NernError as exc:
             raise NernError(f"{source}: {exc}") from None
+        checked.add((cls, *items))
     try:
         load_config(cls, None, set_items(trees), base=preset)
     except NernError as exc:
@@ -460,12 +466,13 @@ def validate_jobs(config: Tree, repo: str | Path, rows: list[Row]) -> None:
     """The typed config of every fit, pretrain and import job the rows need, as the CLI will build it."""
     fits = {row.dir: row_fit(config["name"], row) for row in rows}
     presets: dict[str, Tree] = {}  # each fit preset file read once (as load_config reads it)
+    checked: set = set()
     for fit in fits.values():
         if fit.fit_preset not in presets:
             presets[fit.fit_preset] = read_yaml(fit_preset_file(config, repo, fit.fit_preset))
         check_job(FitConfig, presets[fit.fit_preset], fit_trees(network(config, fit.net), fit),
-                  f"the {fit.stage} fit {fit.dir} (fit preset '{fit.fit_preset}')")
+                  f"the {fit.stage} fit {fit.dir} (fit preset '{fit.fit_preset}')", checked)
     for net_name, orig in sorted({(row.network, row.original) for row in rows}):
         net = network(config, net_name)
         smoothness = None if orig == "imported" else orig.removeprefix("reg")
-        check_job(PretrainConfig, {}, original_trees(net, smoothness), f"the original {net_name}/{orig}")
+        check_job(PretrainConfig, {}, original_trees(net, smoothness), f"the original {net_name}/{orig}", checked)
