@@ -113,7 +113,7 @@ def _grey_info(num_classes: int, image_size: int) -> DatasetInfo:
 
 
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
-    """Shape and normalisation of `cfg`'s images (its standard statistics unless data.mean/std/input_range say otherwise)."""
+    """Shape and normalisation of `cfg`'s images: the standard statistics unless data.mean/std/input_range differ."""
     return with_normalisation(_standard_info(cfg), cfg)
 
 
@@ -149,9 +149,10 @@ def with_normalisation(info: DatasetInfo, cfg: DataConfig) -> DatasetInfo:
     if cfg.mean is None and cfg.std is None and cfg.input_range == 1:
         return info  # the standard statistics, bit for bit
     if cfg.input_range != 1 and (cfg.mean is None or cfg.std is None):
+        zeros, ones = ", ".join(["0"] * info.in_channels), ", ".join(["1"] * info.in_channels)
         raise NernError(f"data.input_range={cfg.input_range} needs data.mean and data.std in 0..{cfg.input_range} "
-                        f"units (the standard ones are in 0..1); set both, e.g. data.mean=[{', '.join(['0'] * info.in_channels)}] "
-                        f"data.std=[{', '.join(['1'] * info.in_channels)}] for raw pixels")
+                        f"units (the standard ones are in 0..1); set both, e.g. data.mean=[{zeros}] data.std=[{ones}] "
+                        "for raw pixels")
     mean = _per_channel(cfg.mean, info.mean, "data.mean", cfg, info.in_channels)
     std = _per_channel(cfg.std, info.std, "data.std", cfg, info.in_channels)
     if not all(s > 0 for s in std):

@@ -205,8 +205,8 @@ def resolve_factory(ref: str) -> Any:
                             f"fix the name after ':' (callables there: {_first_few(names) or 'none'})")
         target = getattr(target, part)
     if not callable(target):
-        raise NernError(f"model.factory {ref!r} names an object of type {type(target).__name__}, not a function or class; "
-                        "point it at a function that returns the network")
+        raise NernError(f"model.factory {ref!r} names an object of type {type(target).__name__}, not a function "
+                        "or class; point it at a function that returns the network")
     return target
 
 
@@ -233,11 +233,12 @@ def build_from_factory(ref: str, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _check_input_channels(model: nn.Module, cfg: ModelConfig) -> None:
-    """model.in_channels is what the data is checked against; for a user network it must say what the first conv takes."""
+    """The data is checked against model.in_channels, so for a user network it must say what the first conv takes."""
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first is not None and first.in_channels != cfg.in_channels:
         raise NernError(f"model.factory {cfg.factory!r} builds a network whose first conv takes {first.in_channels} "
-                        f"channel(s) but model.in_channels={cfg.in_channels}; set model.in_channels={first.in_channels}")
+                        f"channel(s) but model.in_channels={cfg.in_channels}; "
+                        f"set model.in_channels={first.in_channels}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -403,7 +404,7 @@ def check_state_dict_fits(model: nn.Module, state: dict[str, torch.Tensor], sour
         problems.append(f"shape checkpoint vs model: {_first_few(wrong_shape)}")
     if problems:
         cfg = getattr(model, "nern_config", None)
-        if cfg is not None and cfg.factory:
+        if getattr(cfg, "factory", None):
             raise NernError(f"checkpoint {source} does not fit the network of model.factory {cfg.factory} "
                             f"({'; '.join(problems)}); check model.factory and model.kwargs, or save the weights "
                             "of that very network (model.state_dict())")
@@ -429,7 +430,8 @@ def _check_stored_config(cfg: ModelConfig, stored: dict[str, Any]) -> None:
     if cfg.factory:
         fields = ["factory", "kwargs", "num_classes", "in_channels"]
     else:
-        fields = ["factory", "arch", "num_classes", "in_channels"] + (["shortcut"] if cfg.arch in CIFAR_RESNETS else [])
+        fields = ["factory", "arch", "num_classes", "in_channels"]
+        fields += ["shortcut"] if cfg.arch in CIFAR_RESNETS else []
     for name in fields:
         if name in stored and stored[name] != getattr(cfg, name):
             raise NernError(f"checkpoint {cfg.checkpoint} was saved with model.{name}={stored[name]!r} but the config "

@@ -57,7 +57,8 @@ def test_statistics_in_either_unit_mean_the_same_inputs():
     in_255 = dataset_info(DataConfig(name="cifar10", input_range=255, mean=[m * 255 for m in CIFAR_MEAN],
                                      std=[s * 255 for s in CIFAR_STD]))
     x = pixels(3)
-    expected = (x.float() / 255 - torch.tensor(CIFAR_MEAN).view(1, -1, 1, 1)) / torch.tensor(CIFAR_STD).view(1, -1, 1, 1)
+    mean, std = torch.tensor(CIFAR_MEAN).view(1, -1, 1, 1), torch.tensor(CIFAR_STD).view(1, -1, 1, 1)
+    expected = (x.float() / 255 - mean) / std
     torch.testing.assert_close(normalise(x, in_unit), expected)
     torch.testing.assert_close(normalise(x, in_255), expected)
 
