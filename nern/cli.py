@@ -69,18 +69,10 @@ def _run_params(cfg: Any, resumed: bool, non_result_keys: tuple[str, ...]) -> di
 
 
 def _model_base(model_path: str | None) -> dict[str, Any]:
-    """Model settings stored in one of our checkpoints, so a user need not repeat them."""
-    from nern.config import to_dict
-    from nern.models import model_config_from_checkpoint
+    """Model settings `--model` stands for (a checkpoint's stored config, an arch or a factory reference)."""
+    from nern.models import model_overrides
 
-    if not model_path:
-        return {}
-    if not Path(model_path).is_file() and not model_path.startswith("torchvision:"):
-        raise NernError(f"model file not found: {model_path}; check the path or run `nern pretrain`/`nern import`")
-    stored = model_config_from_checkpoint(model_path) if model_path.endswith(".safetensors") else None
-    base = to_dict(stored) if stored is not None else {}
-    base["checkpoint"] = model_path
-    return {"model": base}
+    return model_overrides(model_path)
 
 
 def _log_outputs(tracker: Any, out: Path, metrics: dict[str, Any], files: list[str]) -> None:

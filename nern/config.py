@@ -30,13 +30,21 @@ PERMUTATIONS = ("none", "infilter", "crossfilter")
 
 @dataclass
 class ModelConfig:
-    """Which network is represented; `checkpoint` is a path, or `torchvision:<WEIGHTS>` for torchvision's."""
+    """Which network is represented: a built-in `arch`, or a user's `factory` (which then wins over `arch`).
+
+    `factory` is "package.module:function" (importable on sys.path / PYTHONPATH) or "path/to/file.py:function"
+    (relative to the working directory), called with `kwargs`; `nern import` records both in model.safetensors
+    so later stages rebuild the network from that file alone. `checkpoint` is a weights file (.safetensors, or
+    a torch state dict, also one nested under "state_dict"), or `torchvision:<WEIGHTS>` for torchvision's.
+    """
 
     arch: str = "resnet20"
     num_classes: int = 10
     in_channels: int = 3
     shortcut: Literal["A", "B"] = "A"
     checkpoint: str | None = None
+    factory: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -52,6 +60,12 @@ class DataConfig:
     workers: int = 0
     download: bool = True
     eval_limit: int | None = None  # evaluate on N evenly spaced test/val images only (smoke runs)
+    # What the network expects as input, per channel: (pixel / 255 * input_range - mean) / std. mean/std are in
+    # units of input_range; null keeps the data set's standard statistics (ImageNet's for RGB, 0.5/0.5 for grey),
+    # which an input_range of 255 cannot use (give both then, e.g. mean [0], std [1] for raw 0..255 pixels).
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    input_range: Literal[1, 255] = 1
 
 
 @dataclass
@@ -221,6 +235,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise NernError(f"config key '{key}': expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise NernError(f"config key '{key}': expected a mapping of names to values, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise NernError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {value!r}")

@@ -7,13 +7,17 @@ draws a permutation from a generator seeded by (seed, epoch), and augmentation r
 with the stream's own generator, whose state is saved with the position. ImageNet does not fit in memory
 and is streamed from disk by `StreamingBatches` (same interface).
 
-Normalisation: CIFAR and RGB ImageFolders use the ImageNet statistics, as NeRN and the public CIFAR weights
-do (METHOD.md 7); grey data (MNIST, Fashion-MNIST) uses mean 0.5, std 0.5, which maps [0, 1] to [-1, 1].
+Normalisation: by default CIFAR and RGB ImageFolders use the ImageNet statistics, as NeRN and the public
+CIFAR weights do (METHOD.md 7); grey data (MNIST, Fashion-MNIST) uses mean 0.5, std 0.5, which maps [0, 1]
+to [-1, 1]. `data.mean`, `data.std` and `data.input_range` replace them with what another network expects
+(raw 0..255 pixels, 0..1, other statistics). Data-free noise keeps its meaning, U[-2, 2] in the data set's
+standard normalised space, and is mapped into the network's input space like an image would be.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import os
@@ -49,13 +53,19 @@ DECODE_CHUNK = 512
 
 @dataclass
 class DatasetInfo:
-    """What a model needs to know about its inputs: shape, label count and normalisation."""
+    """What a model needs to know about its inputs: shape, label count and normalisation.
+
+    `mean`/`std` are in 0..1 pixel units. `noise_mean`/`noise_std` are set only when they differ from the data
+    set's standard statistics: the data-free noise is drawn in that standard space, then mapped to this one.
+    """
 
     in_channels: int
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     image_size: int
+    noise_mean: tuple[float, ...] | None = None
+    noise_std: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -103,7 +113,11 @@ def _grey_info(num_classes: int, image_size: int) -> DatasetInfo:
 
 
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
-    """Shape and normalisation of `cfg`'s images."""
+    """Shape and normalisation of `cfg`'s images: the standard statistics unless data.mean/std/input_range differ."""
+    return with_normalisation(_standard_info(cfg), cfg)
+
+
+def _standard_info(cfg: DataConfig) -> DatasetInfo:
     fixed = {
         "cifar10": _rgb_info(10, 32),
         "cifar100": _rgb_info(100, 32),
@@ -118,6 +132,36 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
         return _imagefolder_info(Path(cfg.root))
     raise NernError(f"unknown data.name {cfg.name!r}; choose cifar10, cifar100, fashion_mnist, mnist, "
                     "imagefolder or imagenet")
+
+
+def _per_channel(values: list[float] | None, standard: tuple[float, ...], key: str, cfg: DataConfig,
+                 channels: int) -> tuple[float, ...]:
+    if values is None:
+        return standard
+    if len(values) != channels:
+        raise NernError(f"{key} has {len(values)} value(s) but data.name={cfg.name} has {channels} channel(s); "
+                        f"give {channels}, one per channel")
+    return tuple(float(v) for v in values)
+
+
+def with_normalisation(info: DatasetInfo, cfg: DataConfig) -> DatasetInfo:
+    """`info` with cfg's normalisation, converted to 0..1 pixel units: (p * R - m) / s = (p - m / R) / (s / R)."""
+    if cfg.mean is None and cfg.std is None and cfg.input_range == 1:
+        return info  # the standard statistics, bit for bit
+    if cfg.input_range != 1 and (cfg.mean is None or cfg.std is None):
+        zeros, ones = ", ".join(["0"] * info.in_channels), ", ".join(["1"] * info.in_channels)
+        raise NernError(f"data.input_range={cfg.input_range} needs data.mean and data.std in 0..{cfg.input_range} "
+                        f"units (the standard ones are in 0..1); set both, e.g. data.mean=[{zeros}] data.std=[{ones}] "
+                        "for raw pixels")
+    mean = _per_channel(cfg.mean, info.mean, "data.mean", cfg, info.in_channels)
+    std = _per_channel(cfg.std, info.std, "data.std", cfg, info.in_channels)
+    if not all(s > 0 for s in std):
+        raise NernError(f"data.std={list(std)} must be > 0 in every channel; fix data.std")
+    scale = float(cfg.input_range)
+    mean, std = tuple(m / scale for m in mean), tuple(s / scale for s in std)
+    if (mean, std) == (info.mean, info.std):
+        return info
+    return dataclasses.replace(info, mean=mean, std=std, noise_mean=info.mean, noise_std=info.std)
 
 
 def check_compatible(info: DatasetInfo, model_in_channels: int) -> None:
@@ -494,8 +538,19 @@ class BatchStream:
         self._order = None
 
 
+def noise_to_input_space(noise: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """Noise drawn in the standard normalised space, as the network would see it after its own normalisation:
+    the same pixel-space noise whatever data.mean/std/input_range the network expects (identity by default)."""
+    if info.noise_mean is None or info.noise_std is None:
+        return noise
+    view = lambda v: torch.tensor(v, dtype=noise.dtype).view(1, -1, 1, 1)  # noqa: E731
+    pixels = noise * view(info.noise_std) + view(info.noise_mean)
+    return (pixels - view(info.mean)) / view(info.std)
+
+
 class NoiseStream:
-    """Data-free NeRN: i.i.d. U[-2, 2] inputs in normalised space, labels -1, from the stream's own generator."""
+    """Data-free NeRN: i.i.d. U[-2, 2] inputs in the standard normalised space, labels -1, from the stream's own
+    generator; mapped to the network's input space when data.mean/std/input_range differ from the standard."""
 
     def __init__(self, info: DatasetInfo, batch_size: int, seed: int, epoch_size: int = NOISE_EPOCH_SIZE,
                  device: str | torch.device = "cpu") -> None:
@@ -511,7 +566,8 @@ class NoiseStream:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.batch_size, self.info.in_channels, self.info.image_size, self.info.image_size)
-        x = torch.rand(shape, generator=self.generator) * (2 * NOISE_RANGE) - NOISE_RANGE
+        x = noise_to_input_space(torch.rand(shape, generator=self.generator) * (2 * NOISE_RANGE) - NOISE_RANGE,
+                                 self.info)
         self.iterations += 1
         labels = torch.full((self.batch_size,), -1, dtype=torch.int64)
         return x.to(self.device, non_blocking=True), labels.to(self.device)

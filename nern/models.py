@@ -6,12 +6,24 @@ adds one represented conv per downsampling block (METHOD.md 1). ResNet18 is torc
 
 Every activation is an `nn.ReLU` module and each block ends in its own ReLU after the residual sum, so
 `nern.feature_maps` can hook every feature map the distillation loss needs without knowing the class.
+
+Any other network comes by reference: `model.factory` names a function (or class) returning an nn.Module,
+either "package.module:function" on sys.path or "path/to/file.py:function". Nothing else is written for
+it: layers and feature maps are discovered from the module, and the reference plus `model.kwargs` travel in
+every file's metadata so each later stage rebuilds the network the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import inspect
 import pickle
+import re
+import sys
+import types
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -129,16 +141,124 @@ def torchvision_resnet18(num_classes: int, in_channels: int) -> nn.Module:
     return model
 
 
+# ---------------------------------------------------------------------------------------------------------
+# User networks by reference
+
+FACTORY_FORMS = "package.module:function or path/to/file.py:function"
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+_FACTORY_REFERENCE = re.compile(rf"^(?P<source>{_DOTTED}|[^:]+\.py):(?P<attr>{_DOTTED})$")
+
+
+def is_factory_reference(text: str) -> bool:
+    """True for "pkg.mod:fn" and "file.py:fn"; `torchvision:<WEIGHTS>` is a weights source, not a factory."""
+    return not text.startswith(TORCHVISION_PREFIX) and _FACTORY_REFERENCE.match(text) is not None
+
+
+def _import_file(path: Path, ref: str) -> types.ModuleType:
+    """Import a .py file under a name unique to its absolute path, once per process (so classes stay identical)."""
+    if not path.is_file():
+        raise NernError(f"model.factory {ref!r}: file {path} not found (relative paths start at {Path.cwd()}); "
+                        "fix the path or use the form package.module:function")
+    resolved = path.resolve()
+    name = f"_nern_factory_{path.stem}_{hashlib.sha256(str(resolved).encode()).hexdigest()[:10]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    if spec is None or spec.loader is None:
+        raise NernError(f"model.factory {ref!r}: {path} cannot be imported as Python; give a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _import_source(source: str, ref: str) -> types.ModuleType:
+    """The module holding the factory; a missing module (or a missing dependency of it) is a user error."""
+    if source.endswith(".py"):
+        return _import_file(Path(source), ref)
+    try:
+        return importlib.import_module(source)
+    except ModuleNotFoundError as exc:
+        if exc.name and (source == exc.name or source.startswith(exc.name + ".")):
+            raise NernError(f"model.factory {ref!r}: no module named {exc.name!r} on the Python path; add its "
+                            f"folder to PYTHONPATH, or give the file as {source.replace('.', '/')}.py:"
+                            f"{ref.split(':')[-1]}") from None
+        raise NernError(f"model.factory {ref!r}: importing {source} failed ({exc}); install the missing "
+                        "package") from None
+
+
+def resolve_factory(ref: str) -> Any:
+    """The callable `ref` names, imported on demand."""
+    match = _FACTORY_REFERENCE.match(ref) if not ref.startswith(TORCHVISION_PREFIX) else None
+    if match is None:
+        raise NernError(f"model.factory {ref!r} is not a reference; write it as {FACTORY_FORMS}")
+    module = _import_source(match["source"], ref)
+    target: Any = module
+    for part in match["attr"].split("."):
+        if not hasattr(target, part):
+            names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+            raise NernError(f"model.factory {ref!r}: {match['source']} has no attribute {match['attr']!r}; "
+                            f"fix the name after ':' (callables there: {_first_few(names) or 'none'})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise NernError(f"model.factory {ref!r} names an object of type {type(target).__name__}, not a function "
+                        "or class; point it at a function that returns the network")
+    return target
+
+
+def build_from_factory(ref: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Call the user's factory with `kwargs`, checking the arguments before the call so a TypeError raised
+    inside the factory is not mistaken for a bad model.kwargs."""
+    factory = resolve_factory(ref)
+    if not isinstance(kwargs, dict):
+        raise NernError(f"model.kwargs must be a mapping of keyword arguments for {ref}, got {kwargs!r}")
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins have no signature: let the call speak
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**kwargs)
+        except TypeError as exc:
+            raise NernError(f"model.kwargs {kwargs} do not fit {ref}{signature} ({exc}); fix model.kwargs") from None
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise NernError(f"model.factory {ref!r} returned a {type(model).__name__}, not a torch.nn.Module; "
+                        "make it return the network")
+    return model
+
+
+def _check_input_channels(model: nn.Module, cfg: ModelConfig) -> None:
+    """The data is checked against model.in_channels, so for a user network it must say what the first conv takes."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and first.in_channels != cfg.in_channels:
+        raise NernError(f"model.factory {cfg.factory!r} builds a network whose first conv takes {first.in_channels} "
+                        f"channel(s) but model.in_channels={cfg.in_channels}; "
+                        f"set model.in_channels={first.in_channels}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """A freshly initialised network for `cfg`; the config rides along as `model.nern_config` for saving."""
-    if cfg.arch in CIFAR_RESNETS:
+    if cfg.factory:
+        model: nn.Module = build_from_factory(cfg.factory, cfg.kwargs)
+        _check_input_channels(model, cfg)
+    elif cfg.arch in CIFAR_RESNETS:
         if cfg.shortcut not in ("A", "B"):
             raise NernError(f"model.shortcut {cfg.shortcut!r} is not allowed; choose 'A' or 'B'")
-        model: nn.Module = CifarResNet(CIFAR_RESNETS[cfg.arch], cfg.num_classes, cfg.in_channels, cfg.shortcut)
+        model = CifarResNet(CIFAR_RESNETS[cfg.arch], cfg.num_classes, cfg.in_channels, cfg.shortcut)
     elif cfg.arch == "resnet18":
         model = torchvision_resnet18(cfg.num_classes, cfg.in_channels)
     else:
-        raise NernError(f"unknown model.arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+        raise NernError(f"unknown model.arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}, "
+                        f"or set model.factory to {FACTORY_FORMS}")
     model.nern_config = dataclasses.replace(cfg)
     return model
 
@@ -174,6 +294,29 @@ def model_config_from_checkpoint(path: str | Path) -> ModelConfig | None:
     cfg = ModelConfig(**{k: v for k, v in stored.items() if k in names})
     cfg.checkpoint = str(path)
     return cfg
+
+
+def model_overrides(model_arg: str | None) -> dict[str, Any]:
+    """The `model:` config keys a stage's `--model` stands for, so a user need not repeat them.
+
+    A checkpoint file gives its stored config (ours carry one) plus itself as `checkpoint`; `torchvision:<WEIGHTS>`
+    is a checkpoint too; a built-in arch name or a factory reference (FACTORY_FORMS) sets `arch` or `factory`,
+    with weights from model.checkpoint if the config sets one (random init otherwise).
+    """
+    if not model_arg:
+        return {}
+    if not Path(model_arg).is_file():
+        if is_factory_reference(model_arg):
+            return {"model": {"factory": model_arg}}
+        if model_arg in ARCHS:
+            return {"model": {"arch": model_arg}}
+        if not model_arg.startswith(TORCHVISION_PREFIX):
+            raise NernError(f"model file not found: {model_arg}; check the path or run `nern pretrain`/`nern import` "
+                            f"(or give a built-in arch, or a factory {FACTORY_FORMS})")
+    stored = model_config_from_checkpoint(model_arg) if model_arg.endswith(".safetensors") else None
+    base = dataclasses.asdict(stored) if stored is not None else {}
+    base["checkpoint"] = model_arg
+    return {"model": base}
 
 
 def _strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -260,7 +403,12 @@ def check_state_dict_fits(model: nn.Module, state: dict[str, torch.Tensor], sour
     if wrong_shape:
         problems.append(f"shape checkpoint vs model: {_first_few(wrong_shape)}")
     if problems:
-        arch = getattr(getattr(model, "nern_config", None), "arch", type(model).__name__)
+        cfg = getattr(model, "nern_config", None)
+        if getattr(cfg, "factory", None):
+            raise NernError(f"checkpoint {source} does not fit the network of model.factory {cfg.factory} "
+                            f"({'; '.join(problems)}); check model.factory and model.kwargs, or save the weights "
+                            "of that very network (model.state_dict())")
+        arch = getattr(cfg, "arch", type(model).__name__)
         raise NernError(f"checkpoint {source} does not fit {arch} ({'; '.join(problems)}); "
                         "check model.arch, model.shortcut, model.num_classes and model.in_channels")
     for key, value in state.items():
@@ -279,7 +427,11 @@ def load_weights(model: nn.Module, source: str) -> dict[str, Any]:
 
 def _check_stored_config(cfg: ModelConfig, stored: dict[str, Any]) -> None:
     """A safetensors checkpoint records what it was built as; disagreeing with the run config is a user error."""
-    fields = ["arch", "num_classes", "in_channels"] + (["shortcut"] if cfg.arch in CIFAR_RESNETS else [])
+    if cfg.factory:
+        fields = ["factory", "kwargs", "num_classes", "in_channels"]
+    else:
+        fields = ["factory", "arch", "num_classes", "in_channels"]
+        fields += ["shortcut"] if cfg.arch in CIFAR_RESNETS else []
     for name in fields:
         if name in stored and stored[name] != getattr(cfg, name):
             raise NernError(f"checkpoint {cfg.checkpoint} was saved with model.{name}={stored[name]!r} but the config "
