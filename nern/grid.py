@@ -6,6 +6,9 @@ checked here when the DAG is built, so a typo fails before any job starts, namin
 JSON schema cannot express (`check_network`), and every job's merged settings against the typed configs of
 nern.config (`validate_jobs`).
 
+A network's `model` is a built-in `arch` or a user's network by reference (`factory`, `kwargs`, see
+nern.models); either is imported from weights (`original.source: import`) or pretrained from its init.
+
 A fit's settings merge in this order, later winning: the fit preset file, the network's `data`, its `fit`,
 its `fit_per_preset[<fit preset>]`, the ablation variant's `set` (or data_free=true), the grid's hidden size.
 """
@@ -133,6 +136,23 @@ def network(config: Tree, name: str) -> Tree:
     raise NernError(f"no network '{name}' in networks ({', '.join(n['name'] for n in config['networks'])})")
 
 
+def model_name(net: Tree) -> str:
+    """The tables' `arch` column: the built-in arch, or a user factory's module and function without its folder
+    ("examples/my_cnn.py:make_cnn" -> "my_cnn.py:make_cnn"), as a factory wins over an arch (nern.config)."""
+    factory = net["model"].get("factory")
+    if not factory:
+        return net["model"]["arch"]
+    source, _, function = factory.rpartition(":")
+    return f"{Path(source).name}:{function}"
+
+
+def model_sources(net: Tree) -> list[str]:
+    """The files an original network is built from besides its weights: a factory's .py file (a reference to
+    an importable module is not a file the workflow can see change)."""
+    source = (net["model"].get("factory") or "").rpartition(":")[0]
+    return [source] if source.endswith(".py") else []
+
+
 def factor_id(smoothness: float) -> str:
     return f"{float(smoothness):g}"
 
@@ -228,7 +248,7 @@ def network_resource(config: Tree, net: str, rule: str, key: str) -> Any:
 
 
 def _row(group: str, label: Any, net: Tree, fit: Fit, smoothness: float | None, overrides: Tree | None = None) -> Row:
-    return Row(group=group, label=str(label), network=net["name"], task=net["task"], arch=net["model"]["arch"],
+    return Row(group=group, label=str(label), network=net["name"], task=net["task"], arch=model_name(net),
                published=net.get("published"), stage=fit.stage, fit_preset=fit.fit_preset, original=fit.orig,
                smoothness=None if smoothness is None else float(smoothness), permutation=fit.perm,
                hidden=int(fit.hidden), variant=fit.variant, data_free=fit.stage == "data-free",
@@ -312,7 +332,7 @@ def manifest(config: Tree, rows: list[Row]) -> Manifest:
     preset, networks = config["name"], []
     for net in config["networks"]:
         originals = sorted({row.original for row in rows if row.network == net["name"]})
-        networks.append(ManifestNetwork(net["name"], net["task"], net["model"]["arch"], net.get("published"),
+        networks.append(ManifestNetwork(net["name"], net["task"], model_name(net), net.get("published"),
                                         {orig: original_dir(preset, net["name"], orig) for orig in originals}))
     return Manifest(preset, config.get("description", ""), networks, rows)
 

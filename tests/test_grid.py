@@ -219,3 +219,70 @@ def test_validation_leaves_the_config_unchanged() -> None:
     before = copy.deepcopy(config)
     validate(config)
     assert config == before  # the design reads the config; Snakemake's params see it unchanged
+
+
+# -- a user's own network by reference ----------------------------------------------------------------------------
+
+FACTORY_MODEL = {"factory": "examples/my_cnn.py:make_cnn", "kwargs": {"width": 8}, "in_channels": 1}
+RAW_PIXELS = {"name": "fashion_mnist", "root": "data", "input_range": 255, "mean": [0], "std": [1]}
+
+
+def factory_preset(source: str = "import") -> dict:
+    original = {"source": "import", "checkpoint": "my_cnn.pt"} if source == "import" else {"source": "pretrain"}
+    config = preset(model=dict(FACTORY_MODEL), data=dict(RAW_PIXELS), original=original)
+    if source == "import":
+        del config["networks"][0]["regularisation"]
+    return config
+
+
+def schema_check(config: dict) -> None:
+    from snakemake.utils import validate as snakemake_validate
+
+    snakemake_validate(copy.deepcopy(config), str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+
+
+def test_a_factory_network_names_its_tables_rows_by_module_and_function() -> None:
+    config = factory_preset()
+    rows = grid.table_rows(config)
+    assert {row.arch for row in rows} == {"my_cnn.py:make_cnn"}
+    assert [n.arch for n in grid.manifest(config, rows).networks] == ["my_cnn.py:make_cnn"]
+    assert grid.model_name(preset()["networks"][0]) == "resnet8"
+    assert grid.model_name({"model": {"factory": "pkg.nets:build", "arch": "resnet20"}}) == "pkg.nets:build"
+
+
+def test_a_factory_file_is_an_input_of_the_original_and_a_module_reference_is_not() -> None:
+    assert grid.model_sources(factory_preset()["networks"][0]) == ["examples/my_cnn.py"]
+    assert grid.model_sources({"model": {"factory": "pkg.nets:build"}}) == []
+    assert grid.model_sources(preset()["networks"][0]) == []
+
+
+@pytest.mark.parametrize("source", ["import", "pretrain"])
+def test_a_factory_network_and_its_input_range_reach_every_job_that_reads_data(source: str) -> None:
+    config = factory_preset(source)
+    validate(config)
+    network = config["networks"][0]
+    raw = {"data.input_range=255", "data.mean=[0]", "data.std=[1]"}
+    original = set(grid.set_items(grid.original_trees(network, None if source == "import" else "0")))
+    assert {"model.factory=examples/my_cnn.py:make_cnn", "model.kwargs.width=8", "model.in_channels=1"} <= original
+    assert raw <= original
+    assert ("model.checkpoint=my_cnn.pt" in original) == (source == "import")
+    for row in grid.table_rows(config):
+        assert raw <= set(grid.set_items(grid.fit_trees(network, grid.row_fit("unit", row)))), row.dir
+
+
+def test_the_schema_takes_an_arch_or_a_factory_and_checks_the_reference() -> None:
+    schema_check(factory_preset())
+    schema_check(preset())
+    for model, needle in [({"in_channels": 1}, "arch"), ({"factory": "my_cnn"}, "does not match"),
+                          ({"factory": "my_cnn.py:"}, "does not match")]:
+        config = factory_preset()
+        config["networks"][0]["model"] = model
+        with pytest.raises(Exception, match=needle):
+            schema_check(config)
+
+
+def test_the_users_example_pipeline_config_validates() -> None:
+    config = yaml.safe_load((REPO / "examples" / "my_cnn_pipeline.yaml").read_text())
+    schema_check(config)
+    validate(config)
+    assert {row.arch for row in grid.table_rows(config)} == {"my_cnn.py:make_cnn"}

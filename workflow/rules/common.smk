@@ -72,10 +72,15 @@ def original_model(wildcards):
     return f"{grid.original_dir(PRESET, wildcards.net, wildcards.orig)}/model.safetensors"
 
 
+def original_sources(wildcards):
+    """A user factory's .py file is an input of the original network (an edited network reruns everything)."""
+    return grid.model_sources(network_of(wildcards))
+
+
 def import_inputs(wildcards):
     """A checkpoint file is an input (a new file reruns the import); torchvision:<WEIGHTS> is downloaded by the job."""
     weights = network_of(wildcards)["original"]["checkpoint"]
-    return [] if weights.startswith("torchvision:") else [weights]
+    return original_sources(wildcards) + ([] if weights.startswith("torchvision:") else [weights])
 
 
 def import_overrides(wildcards):

@@ -24,6 +24,8 @@ rule import_weights:
 
 
 rule pretrain:
+    input:
+        original_sources,
     output:
         model=f"{RESULTS}/{{net}}/original/reg{{reg}}/model.safetensors",
         metrics=f"{RESULTS}/{{net}}/original/reg{{reg}}/metrics.json",
