@@ -185,6 +185,120 @@ def test_tiny_preset_runs_end_to_end_locally(tmp_path: Path) -> None:
     check_report((tmp_path / "report.html").read_text(), tmp_path, "test")
 
 
+# A user's own network, as a user writes it: plain PyTorch in a module of their own, nothing from nern.
+USER_NET = """import torch
+from torch import nn
+
+
+class UserNet(nn.Module):
+    # conv biases, max-pooling, no BatchNorm; it expects raw 0..255 pixels and scales them itself
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Linear(2 * width * 7 * 7, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x / 255).flatten(1))
+
+
+def build(width: int = 8) -> UserNet:
+    return UserNet(width)
+"""
+RAW_PIXELS = {"input_range": 255, "mean": [0], "std": [1]}  # explicit: the network gets the pixels as they are
+
+
+def user_config(workdir: Path) -> Path:
+    """A user's own preset, modelled on config/test.yaml: one imported network, a two-fit grid, both applications."""
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    config.update(name="usernet", description="a user's CNN by reference",
+                  compress={"sparsities": [0, 0.5], "finetune": ["none"], "precisions": ["fp32", "int8"]},
+                  importance={"sparsities": [0.5], "methods": ["nern-error", "magnitude"]})
+    network = config["networks"][0]
+    for key in ("regularisation", "ablations", "data_free", "reference"):
+        network.pop(key)
+    network.update(name="fmnist-usernet", model={"factory": "user_net.py:build", "kwargs": {"width": 8},
+                                                 "in_channels": 1, "num_classes": 10},
+                   original={"source": "import", "checkpoint": "weights.pt"})
+    network["data"].update(RAW_PIXELS)
+    network["grid"] = {"fit_presets": ["fast"], "permutations": ["none", "crossfilter"], "hidden": [16]}
+    path = workdir / "usernet.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def user_weights(workdir: Path, data: dict) -> tuple[float, float]:
+    """A few Adam steps on raw pixels, saved as a plain state dict; the trained network's test top-1 on raw
+    pixels and on the data set's standard normalisation (so a job that lost the data keys would show)."""
+    import importlib.util
+
+    import torch
+
+    from nern import data as data_mod
+    from nern.config import DataConfig
+    from nern.evaluate import top_k_accuracy
+
+    spec = importlib.util.spec_from_file_location("user_net", workdir / "user_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    model = module.build(width=8)
+    raw = DataConfig(**{**data, "root": str(workdir / data["root"])})
+    splits = data_mod.build_splits(raw, seed=0)
+    stream, optimiser = data_mod.train_stream(raw, 0, splits.train), torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(60):
+        x, y = stream.next()
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimiser.step()
+    torch.save(model.state_dict(), workdir / "weights.pt")
+    model.eval()
+    standard = DataConfig(**{k: v for k, v in vars(raw).items() if k not in RAW_PIXELS})
+
+    def accuracy(cfg: DataConfig) -> float:
+        test = data_mod.build_splits(cfg, seed=0).test
+        return top_k_accuracy(model, data_mod.eval_batches(test, cfg.eval_batch_size))["top1"]
+
+    return accuracy(raw), accuracy(standard)
+
+
+@pytest.mark.slow
+def test_a_users_own_network_runs_the_whole_pipeline_by_reference(tmp_path: Path) -> None:
+    """Issue #16: a CNN in the user's own module, their weights and their config; no class written for it."""
+    (tmp_path / "user_net.py").write_text(USER_NET)
+    configfile = user_config(tmp_path)
+    network = yaml.safe_load(configfile.read_text())["networks"][0]
+    raw_top1, standard_top1 = user_weights(tmp_path, network["data"])
+    assert raw_top1 > 40 and abs(raw_top1 - standard_top1) > 10, (raw_top1, standard_top1)
+
+    start = time.monotonic()
+    done = run_in(tmp_path, configfile, "local", 900)
+    assert done.returncode == 0, tail(done)
+    counts = job_counts(output(done))
+    print(f"user network end to end: {time.monotonic() - start:.0f} s, jobs {counts}")
+    check_outputs(tmp_path, "usernet", counts)
+
+    results = tmp_path / "results" / "usernet" / network["name"]
+    imported = json.loads((results / "original" / "imported" / "metrics.json").read_text())
+    assert imported["test_top1"] == pytest.approx(raw_top1, abs=1e-6)  # the import read raw pixels
+    from nern.artifacts import read_metadata
+
+    stored = read_metadata(results / "original" / "imported" / "model.safetensors")["model"]
+    assert stored["factory"] == "user_net.py:build" and stored["kwargs"] == {"width": 8}
+    main = pd.read_csv(tmp_path / "results" / "tables" / "usernet" / "main.csv")
+    assert len(main) == 2 and set(main["model"]) == {"user_net.py:build"}
+    fits = sorted(results.glob("fit/fast/imported/*/h16/metrics.json"))
+    assert len(fits) == 2
+    for path in fits:
+        metrics = json.loads(path.read_text())
+        assert math.isfinite(metrics["reconstructed_top1"]) and 0 <= metrics["reconstructed_top1"] <= 100, path
+        assert metrics["original_top1"] == pytest.approx(raw_top1, abs=1e-6), path
+    for stage in ("compress", "importance"):  # each evaluates the original network on the user's inputs too
+        found = sorted(results.glob(f"fit/**/{stage}/metrics.json"))
+        assert len(found) == 1, stage
+        assert json.loads(found[0].read_text())["original_top1"] == pytest.approx(raw_top1, abs=1e-6), stage
+
+
 def check_report(html: str, workdir: Path, preset: str) -> None:
     """The report lists every table and figure, the applications' next to the paper's, each with its caption
     rendered (wildcards filled in)."""
