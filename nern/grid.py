@@ -163,8 +163,16 @@ def original_id(net: Tree, smoothness: float | None = None) -> str:
     return f"reg{factor_id(0 if smoothness is None else smoothness)}"
 
 
-def grid_smoothness(net: Tree) -> list[float | None]:
-    return net["grid"].get("smoothness", [0]) if net["original"]["source"] == "pretrain" else [None]
+def grid_smoothness(net: Tree, product: Tree | None = None) -> list[float | None]:
+    product = net["grid"] if product is None else product
+    return product.get("smoothness", [0]) if net["original"]["source"] == "pretrain" else [None]
+
+
+def grid_products(net: Tree) -> list[Tree]:
+    """The main table is the grid's product plus each `grid.extra` product (a key it omits is the grid's), so
+    a table can hold points no single product gives (crossfilter at two sizes, none at one)."""
+    base = {key: value for key, value in net["grid"].items() if key != "extra"}
+    return [base] + [{**base, **extra} for extra in net["grid"].get("extra") or []]
 
 
 def reference(net: Tree) -> dict[str, Any]:
@@ -205,6 +213,8 @@ def check_network(config: Tree, net: Tree) -> None:
     """Fails before any job starts, naming the key."""
     name, presets = net["name"], config["fit_presets"]
     used = [("grid.fit_presets", p) for p in net["grid"]["fit_presets"]]
+    used += [(f"grid.extra[{i}].fit_presets", p) for i, extra in enumerate(net["grid"].get("extra") or [])
+             for p in extra.get("fit_presets", [])]
     used += [("reference.fit_preset", (net.get("reference") or {}).get("fit_preset"))]
     used += [(f"fit_per_preset.{p}", p) for p in net.get("fit_per_preset") or {}]
     for key, preset in used:
@@ -256,10 +266,16 @@ def _row(group: str, label: Any, net: Tree, fit: Fit, smoothness: float | None, 
 
 
 def main_rows(preset: str, net: Tree) -> list[Row]:
-    grid = net["grid"]
-    return [_row("main", fit_preset, net, Fit(preset, "fit", net["name"], fit_preset, original_id(net, s), perm, h), s)
-            for fit_preset in grid["fit_presets"] for s in grid_smoothness(net)
-            for perm in grid["permutations"] for h in grid["hidden"]]
+    """One row per distinct point of the grid's products, in the order they are first given."""
+    rows: dict[str, Row] = {}
+    for product in grid_products(net):
+        for fit_preset in product["fit_presets"]:
+            for s in grid_smoothness(net, product):
+                for perm in product["permutations"]:
+                    for h in product["hidden"]:
+                        fit = Fit(preset, "fit", net["name"], fit_preset, original_id(net, s), perm, h)
+                        rows.setdefault(fit.dir, _row("main", fit_preset, net, fit, s))
+    return list(rows.values())
 
 
 def regularisation_rows(preset: str, net: Tree) -> list[Row]:

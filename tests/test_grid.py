@@ -63,6 +63,18 @@ def test_rows_fill_every_table_in_order_and_share_the_reference_fit() -> None:
     assert free[0].dir == reference and free[1].dir == "results/unit/net/data-free/fast/reg0/crossfilter/h16"
 
 
+def test_extra_grid_products_add_points_to_the_main_table_once_each() -> None:
+    """crossfilter at two sizes plus none at one: no single product gives it."""
+    config = preset()
+    config["networks"][0]["grid"].update(fit_presets=["fast"], permutations=["crossfilter"],
+                                         extra=[{"permutations": ["none"], "hidden": [16]},
+                                                {"permutations": ["crossfilter"]}])  # all given already
+    main = rows_of(config, "main")
+    assert [(row.fit_preset, row.permutation, row.hidden) for row in main] == [
+        ("fast", "crossfilter", 8), ("fast", "crossfilter", 16), ("fast", "none", 16)]
+    assert len({row.dir for row in main}) == len(main)
+
+
 def test_an_imported_network_has_one_original_and_no_smoothness() -> None:
     config = preset(original={"source": "import", "checkpoint": "w.th"})
     del config["networks"][0]["regularisation"]
@@ -172,6 +184,8 @@ def test_a_merged_setting_out_of_range_names_the_job() -> None:
 @pytest.mark.parametrize("change,needle", [
     (lambda n: n.update(fit_per_preset={"papr": {}}), r"networks\[net\]\.fit_per_preset\.papr: fit preset 'papr'"),
     (lambda n: n["grid"].update(fit_presets=["fast", "slow"]), r"networks\[net\]\.grid\.fit_presets: fit preset 'slow'"),
+    (lambda n: n["grid"].update(extra=[{"fit_presets": ["slow"]}]),
+     r"networks\[net\]\.grid\.extra\[0\]\.fit_presets: fit preset 'slow'"),
     (lambda n: n.update(fit_per_preset={"paper": {"represent.max_kernel": 1}}),
      r"fit_per_preset\.paper\.represent\.max_kernel: the represented layers are shared"),
     (lambda n: n["ablations"].append({"group": "again", "variants": [{"name": "rec", "set": {"loss.kd": 1}}]}),

@@ -88,6 +88,9 @@ def test_main_table_sorts_rows_and_puts_published_numbers_beside_ours(manifest: 
     assert table["paper original top-1"].iloc[0] == 91.69
     assert pd.isna(table["paper top-1"].iloc[0])  # the paper has no "none" row at h=160
     assert list(table["paper top-1"].iloc[2:]) == [91.16, 91.50]
+    assert pd.isna(table["paper Δ top-1"].iloc[0])
+    assert list(table["paper Δ top-1"].iloc[2:]) == pytest.approx([91.16 - 91.69, 91.50 - 91.69])
+    assert tables.format_cell("paper Δ top-1", -0.53) == "-0.53" and tables.format_cell("Δ top-1", 0.5) == "+0.50"
     assert list(table["paper size ratio"].iloc[2:]) == [0.43, 0.53]
 
 

@@ -130,6 +130,25 @@ def test_every_preset_builds_its_whole_dag_offline(preset: str) -> None:
         assert counts["fit"] >= 4 * 3 * 3  # four networks x three permutations x at least three sizes
 
 
+def test_the_cpu_cifar_preset_builds_the_issues_design() -> None:
+    """config/cifar10-cpu.yaml (issue #14): ResNet20 in three permutation modes at 160 and 180 with the loss and
+    embedding ablations and one data-free fit; ResNet56 crossfilter at 280 and 320 plus none at 320 only;
+    meta-compression and importance on the two reference fits. Needs ../shared, as the public preset does."""
+    preset = "config/cifar10-cpu.yaml"
+    config = yaml.safe_load((REPO / preset).read_text())
+    for network in config["networks"]:
+        if not (REPO / network["original"]["checkpoint"]).is_file():
+            pytest.skip(f"{preset} needs {network['original']['checkpoint']}")
+    done = snakemake(["-n", "--forceall", "--nolock", "--configfile", preset, "--cores", "2"], cwd=REPO,
+                     timeout_s=300)
+    assert done.returncode == 0, tail(done)
+    assert job_counts(output(done)) == {"import_weights": 2, "permute": 5, "fit": 9, "fit_ablation": 2,
+                                        "fit_data_free": 1, "compress": 2, "importance": 2, "manifest": 1,
+                                        "tables": 1, "all": 1}
+    resnet56 = set(re.findall(r"cifar10-resnet56/fit/fast/imported/(\w+/h\d+)/metrics\.json", output(done)))
+    assert resnet56 == {"crossfilter/h280", "crossfilter/h320", "none/h320"}
+
+
 def test_a_config_typo_fails_before_any_job_naming_the_key(tmp_path: Path) -> None:
     config = yaml.safe_load(TEST_CONFIG.read_text())
     config["networks"][0]["grid"]["hiden"] = [16]
