@@ -1,4 +1,8 @@
-"""MLflow tracking for the long-running stages: one stage (fit, pretrain) = one MLflow run.
+"""MLflow tracking: one pipeline job (a stage writing one output directory) = one MLflow run.
+
+A job's run is found again in the store, by its output directory (tag `nern.out`) and a digest of its
+result-affecting config (tag `nern.config`), whatever the run's status (`find_job_run`): a job killed at any
+point and rerun, even after its run was marked FINISHED but before the process exited, continues its run.
 
 The default store is an embedded SQLite file, `sqlite:///<results>/mlflow.db`, so a user needs no server;
 an `http(s)://` URI switches to a tracking server, `none` switches tracking off. Parallel pipeline jobs write
