@@ -335,9 +335,8 @@ class Fitter:
         return [w.float() for w in self.predict_weights(None)]
 
     def _accuracy(self, forward: Any, imageset: Any) -> float:
-        ks = (1, 5) if imageset.info.num_classes > 5 and self.cfg.data.name == "imagenet" else (1,)
         batches = data_mod.eval_batches(imageset, self.cfg.data.eval_batch_size)
-        return top_k_accuracy(forward, batches, ks, self.device)["top1"]
+        return top_k_accuracy(forward, batches, (1,), self.device)["top1"]
 
     def evaluate(self, weights: list[torch.Tensor] | None = None) -> dict[str, float]:
         start = time.perf_counter()

@@ -29,12 +29,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from nern import data as data_mod
 from nern.artifacts import atomic_path, write_json
-from nern.compress import lowest_score_masks, parse_floats, parse_names
 from nern.config import FitConfig, flatten, to_dict
 from nern.errors import NernError
+from nern.evaluate import top_k_accuracy
+from nern.fit import NON_RESULT_KEYS, decode_weights
 from nern.layers import ConvLayer, conv_weights
+from nern.plots import pyplot, save_figure
+from nern.pruning import lowest_score_masks
 from nern.reconstruct import Representation, run_reconstructed
+from nern.runs import add_stage_arguments, comma_floats, comma_names, load_fitted, log_outputs, stage_run
+from nern.table_format import to_markdown
 
 METHODS = ("nern-error", "nern-error-inverse", "magnitude", "random")
 GRANULARITIES = ("unstructured", "kernel")
@@ -167,9 +173,6 @@ def check_options(opts: ImportanceOptions) -> None:
 
 def _accuracy(model: nn.Module, rep: Representation, weights: list[torch.Tensor] | None, splits: Any,
               cfg: FitConfig) -> float:
-    from nern import data as data_mod
-    from nern.evaluate import top_k_accuracy
-
     model = model.to(cfg.device).eval()
     if weights is None:
         forward = model
@@ -281,8 +284,6 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], metrics: dict[str, Any]
 
 def markdown_table(df: Any, metrics: dict[str, Any]) -> str:
     """Top-1 by sparsity (rows) and method (columns), one block per granularity."""
-    from nern.tables import to_markdown
-
     parts = [f"**Pruning the ORIGINAL network without fine-tuning, every represented conv layer at the same "
              f"sparsity. nern-error: {DIRECTION}; nern-error-inverse: the opposite order. Original "
              f"{metrics['original_top1']:.2f}%, NeRN reconstruction {metrics['reconstructed_top1']:.2f}%.**\n"]
@@ -296,26 +297,12 @@ def markdown_table(df: Any, metrics: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def _pyplot() -> Any:
-    from nern.plots import _pyplot as pyplot
-
-    return pyplot()
-
-
-def _save(fig: Any, path: Path) -> None:
-    plt = _pyplot()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
 METHOD_STYLE = {"nern-error": ("tab:blue", "-"), "nern-error-inverse": ("tab:cyan", "--"),
                 "magnitude": ("tab:red", "-"), "random": ("tab:gray", ":")}
 
 
 def plot_pruning(df: Any, original_top1: float, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     granularities = list(dict.fromkeys(df["granularity"]))
     fig, axes = plt.subplots(1, len(granularities), figsize=(5.2 * len(granularities), 3.8), squeeze=False)
     for ax, granularity in zip(axes[0], granularities):
@@ -330,7 +317,7 @@ def plot_pruning(df: Any, original_top1: float, path: Path) -> None:
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _clip(values: torch.Tensor) -> float:
@@ -341,7 +328,7 @@ def _clip(values: torch.Tensor) -> float:
 
 def plot_layer_errors(e: LayerErrors, path: Path) -> None:
     """Absolute and relative per-kernel error (filter x channel) and the per-filter relative error."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), gridspec_kw={"width_ratios": [1, 1, 0.35]})
     for ax, values, title in ((axes[0], e.kernel_abs, "mean |w - ŵ| per kernel"),
                               (axes[1], e.kernel_rel, "‖w - ŵ‖ / ‖w‖ per kernel")):
@@ -357,11 +344,11 @@ def plot_layer_errors(e: LayerErrors, path: Path) -> None:
     axes[2].set_title("per filter (relative)", fontsize=9)
     axes[2].set_xlabel("‖W_f - Ŵ_f‖ / ‖W_f‖")
     fig.suptitle(f"{e.layer.name} {tuple(e.layer.shape)}", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_error_overview(errors: list[LayerErrors], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(6, len(errors))
     rows = -(-len(errors) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False)
@@ -375,7 +362,7 @@ def plot_error_overview(errors: list[LayerErrors], path: Path) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("relative reconstruction error per kernel (rows: filters, columns: input channels)", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def kernel_layer_index(errors: list[LayerErrors], name: str | None) -> int:
@@ -393,7 +380,7 @@ def kernel_layer_index(errors: list[LayerErrors], name: str | None) -> int:
 def plot_kernels(originals: list[torch.Tensor], reconstructed: list[torch.Tensor], errors: list[LayerErrors],
                  path: Path, opts: ImportanceOptions) -> None:
     """Original and reconstructed kernels of the best- and worst-reconstructed filters of one layer."""
-    plt = _pyplot()
+    plt = pyplot()
     index = kernel_layer_index(errors, opts.kernel_layer)
     e = errors[index]
     w, w_hat = originals[index].detach().float().cpu(), reconstructed[index].detach().float().cpu()
@@ -417,7 +404,7 @@ def plot_kernels(originals: list[torch.Tensor], reconstructed: list[torch.Tensor
                 if r == 0 and k == 0:
                     ax.set_title(f"ch {c}", fontsize=7)
     fig.suptitle(f"{e.layer.name}: best and worst reconstructed filters", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -425,22 +412,18 @@ def plot_kernels(originals: list[torch.Tensor], reconstructed: list[torch.Tensor
 
 
 def cmd_importance(args: argparse.Namespace) -> None:
-    from nern.cli import _log_outputs, _tracker
-    from nern.compress import load_inputs
-    from nern.fit import decode_weights
-
-    opts = ImportanceOptions(parse_floats(args.sparsities, "--sparsities"), parse_names(args.methods),
-                             parse_names(args.granularities), args.random_seeds, args.kernel_layer)
+    opts = ImportanceOptions(comma_floats(args.sparsities, "--sparsities"), comma_names(args.methods),
+                             comma_names(args.granularities), args.random_seeds, args.kernel_layer)
     check_options(opts)
-    cfg, model, predictor, rep, splits = load_inputs(args)
+    cfg, model, predictor, rep, splits = load_fitted(args)
     reconstructed = [w.float() for w in decode_weights(predictor, rep, cfg)]
     out = Path(args.out)
-    with _tracker(args, "importance") as tracker:
-        tracker.log_params({**flatten(to_dict(cfg)), "importance.sparsities": args.sparsities,
-                            "importance.methods": args.methods, "importance.granularities": args.granularities,
-                            "importance.random_seeds": args.random_seeds, "predictor_file": args.predictor})
+    params = {**flatten(to_dict(cfg)), "importance.sparsities": args.sparsities, "importance.methods": args.methods,
+              "importance.granularities": args.granularities, "importance.random_seeds": args.random_seeds,
+              "predictor_file": args.predictor}
+    with stage_run(args, "importance", params, NON_RESULT_KEYS) as tracker:
         rows, metrics = run_importance(model, rep, reconstructed, cfg, splits, out, opts)
-        _log_outputs(tracker, out, {k: v for k, v in metrics.items() if k != "layers"},
+        log_outputs(tracker, out, {k: v for k, v in metrics.items() if k != "layers"},
                      [CSV_FILE, MD_FILE, METRICS_FILE, PRUNING_FIGURE, OVERVIEW_FIGURE, KERNELS_FIGURE])
     deltas = {k: v for k, v in metrics.items() if k.startswith("nern_minus_magnitude/")}
     shown = ", ".join(f"{k.removeprefix('nern_minus_magnitude/')}: {v:+.2f}" for k, v in deltas.items())
@@ -448,11 +431,9 @@ def cmd_importance(args: argparse.Namespace) -> None:
 
 
 def register_cli(subparsers: Any, name: str) -> None:
-    from nern.cli import _common
-
     p = subparsers.add_parser(name, help="NeRN reconstruction error maps; prune the original by NeRN error vs "
                                          "magnitude vs random")
-    _common(p, f"output directory ({CSV_FILE}, {MD_FILE}, {METRICS_FILE}, figures)")
+    add_stage_arguments(p, f"output directory ({CSV_FILE}, {MD_FILE}, {METRICS_FILE}, figures)")
     p.add_argument("--model", required=True, help="the original network's checkpoint the predictor was fitted to")
     p.add_argument("--predictor", required=True, help="predictor.safetensors from `nern fit`")
     p.add_argument("--sparsities", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",

@@ -1,9 +1,10 @@
-"""Figures of single runs (training curves); tables and cross-run figures live in `nern.tables`."""
+"""Figures of single runs (training curves) and the pyplot set-up every stage's figures share; tables and
+cross-run figures live in `nern.tables`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nern.artifacts import atomic_path
 
@@ -11,7 +12,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (jobs run without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,7 +39,7 @@ def plot_training_curves(curves_csv: str | Path, out_png: str | Path) -> None:
     """Loss terms (log scale) and evaluation accuracy against iteration, side by side."""
     import pandas as pd
 
-    plt = _pyplot()
+    plt = pyplot()
     df = pd.read_csv(curves_csv)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
     for column in ("loss", "rec", "kd", "fmd", "ce", "grad_norm"):
@@ -62,7 +64,12 @@ def plot_training_curves(curves_csv: str | Path, out_png: str | Path) -> None:
     ax_acc.set_title("accuracy")
     if ax_acc.lines:
         ax_acc.legend(fontsize=8)
+    save_figure(fig, out_png)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> None:
+    """Lay out, write atomically as PNG, and free the figure (a long stage draws many)."""
     fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    pyplot().close(fig)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,13 @@ from nern.artifacts import atomic_path, read_json, read_metadata
 from nern.config import flatten
 from nern.errors import NernError
 from nern.grid import Manifest
+from nern.table_format import MISSING_MD, format_cell, formatted, to_markdown  # noqa: F401 (re-exported)
+from nern.table_format import is_missing as _is_missing
+from nern.table_format import is_numeric as _numeric
 
 PERMUTATION_ORDER = ("none", "infilter", "crossfilter")
 PERMUTATION_COLOURS = {"none": "tab:blue", "infilter": "tab:orange", "crossfilter": "tab:green"}
 PRESET_STYLES = ("-", "--", ":", "-.")
-MISSING_MD = "–"
 MISSING_TEX = "--"
 
 # -- inputs ------------------------------------------------------------------------------------------------
@@ -234,51 +235,6 @@ def build_tables(rows: pd.DataFrame, published: dict[str, Any]) -> dict[str, pd.
 
 
 # -- formatting --------------------------------------------------------------------------------------------
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def format_cell(column: str, value: Any) -> str:
-    """Accuracies to 2 decimals, ratios to 3, RMSE to 4 significant digits, counts as integers."""
-    if _is_missing(value):
-        return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "Δ" in column:
-            return f"{value:+.2f}"
-        if "top-1" in column:
-            return f"{value:.2f}"
-        if "ratio" in column:
-            return f"{value:.3f}"
-        if "RMSE" in column:
-            return f"{value:.4g}"
-        if column == "smoothness" or "." in column:
-            return f"{value:g}"
-        if float(value).is_integer():
-            return f"{int(value):,}" if column == "predictor params" else str(int(value))
-        return f"{value:g}"
-    return str(value)
-
-
-def formatted(table: pd.DataFrame) -> list[list[str]]:
-    return [[format_cell(col, value) for col, value in zip(table.columns, row)]
-            for row in table.itertuples(index=False, name=None)]
-
-
-def _numeric(table: pd.DataFrame, column: str) -> bool:
-    values = [v for v in table[column] if not _is_missing(v)]
-    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-
-
-def to_markdown(table: pd.DataFrame) -> str:
-    cells = [[c or MISSING_MD for c in row] for row in formatted(table)]
-    header = "| " + " | ".join(table.columns) + " |"
-    rule = "|" + "|".join("---:" if _numeric(table, c) else "---" for c in table.columns) + "|"
-    body = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
-    return "\n".join([header, rule, *body]) + "\n"
 
 
 _TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",

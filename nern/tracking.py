@@ -1,4 +1,8 @@
-"""MLflow tracking for the long-running stages: one stage (fit, pretrain) = one MLflow run.
+"""MLflow tracking: one pipeline job (a stage writing one output directory) = one MLflow run.
+
+A job's run is found again in the store, by its output directory (tag `nern.out`) and a digest of its
+result-affecting config (tag `nern.config`), whatever the run's status (`find_job_run`): a job killed at any
+point and rerun, even after its run was marked FINISHED but before the process exited, continues its run.
 
 The default store is an embedded SQLite file, `sqlite:///<results>/mlflow.db`, so a user needs no server;
 an `http(s)://` URI switches to a tracking server, `none` switches tracking off. Parallel pipeline jobs write
@@ -19,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import getpass
+import hashlib
+import json
 import logging
 import os
 import random
@@ -66,20 +72,23 @@ def default_uri(results_dir: str | os.PathLike) -> str:
     return f"sqlite:///{Path(results_dir).resolve() / DB_NAME}"
 
 
-def resolve_uri(uri: str | None, results_dir: str | os.PathLike = "results") -> str:
-    """Explicit URI, else $MLFLOW_TRACKING_URI, else the results directory's SQLite file."""
-    uri = (uri or os.environ.get("MLFLOW_TRACKING_URI") or "").strip()
-    if not uri:
+def default_tracking_uri(uri: str | None = None, results_dir: str | os.PathLike = "results") -> str:
+    """The store a stage logs to: `uri` (--mlflow-uri), else $NERN_MLFLOW_URI, else $MLFLOW_TRACKING_URI, else
+    the results directory's SQLite file; `none` (any case) switches tracking off. The one place the default
+    is spelled: the CLI and the workflow both ask here."""
+    candidates = (uri, os.environ.get("NERN_MLFLOW_URI"), os.environ.get("MLFLOW_TRACKING_URI"))
+    chosen = next((c.strip() for c in candidates if c and c.strip()), "")
+    if not chosen:
         return default_uri(results_dir)
-    if uri.lower() == DISABLED:
+    if chosen.lower() == DISABLED:
         return DISABLED
-    if "://" not in uri and not uri.startswith("sqlite:"):
+    if "://" not in chosen and not chosen.startswith("sqlite:"):
         raise NernError(
-            f"tracking URI {uri!r} has no scheme; use sqlite:///<abs path>/mlflow.db, http://host:port or none"
+            f"tracking URI {chosen!r} has no scheme; use sqlite:///<abs path>/mlflow.db, http://host:port or none"
         )
-    if uri.startswith("sqlite:///"):
-        return _absolute_sqlite(uri)
-    return uri
+    if chosen.startswith("sqlite:///"):
+        return _absolute_sqlite(chosen)
+    return chosen
 
 
 def _absolute_sqlite(uri: str) -> str:
@@ -193,14 +202,22 @@ def _slug(name: str) -> str:
 # ------------------------------------------------------------------------------------------ tracker
 
 
-RESUME_TAG = "nern.out"
+RESUME_TAG = "nern.out"  # the job's key: its output directory
+CONFIG_TAG = "nern.config"  # digest of the job's result-affecting config
+
+
+def config_digest(params: Mapping[str, Any]) -> str:
+    """A short, order-independent digest of a flat config: the same job rerun gets the same digest."""
+    text = json.dumps({str(k): str(v) for k, v in params.items()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class Tracker:
     """One MLflow run for the duration of a `with` block; every method is a no-op when tracking is off.
 
-    `run_id` resumes an existing run, so a fit that crashed and resumed from its checkpoint stays one run.
-    On exit the run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C.
+    A job's run is found again in the store, never in a file beside the outputs (see `find_job_run`), so a
+    pipeline that is killed anywhere and rerun ends with one FINISHED run per job. `run_id` reopens a given
+    run instead. On exit the run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C.
     """
 
     def __init__(
@@ -214,19 +231,17 @@ class Tracker:
         *,
         results_dir: str | os.PathLike = "results",
         resume_key: str | None = None,
+        digest: str | None = None,
     ) -> None:
-        self.uri = resolve_uri(uri, results_dir) if enabled else DISABLED
+        self.uri = default_tracking_uri(uri, results_dir) if enabled else DISABLED
         self.enabled = enabled and self.uri != DISABLED
         self.experiment = experiment
         self.run_name = run_name
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self.run_id: str | None = run_id if self.enabled else None
-        self._resume = run_id is not None
-        # An unfinished run tagged with this key (e.g. the output directory) is reopened rather than a second
-        # run created: a job killed between creating its run and saving the run id still stays one run.
-        self.resume_key = resume_key
-        if resume_key:
-            self.tags[RESUME_TAG] = resume_key
+        self.resumed = run_id is not None
+        self.resume_key, self.digest = resume_key, digest
+        self.tags.update({tag: value for tag, value in ((RESUME_TAG, resume_key), (CONFIG_TAG, digest)) if value})
         self._client: Any = None
         self._experiment_id: str | None = None
         self._params: dict[str, str] = {}
@@ -254,14 +269,15 @@ class Tracker:
         """Create (or reopen) the run; returns its id, None when tracking is off."""
         if not self.enabled:
             return None
-        self._client = self._open_client()
-        if not self._resume and self.resume_key:
-            self.run_id = self._unfinished_run(self.resume_key)
-            self._resume = self.run_id is not None
-        if self._resume:
-            self._reopen_run()
+        self._client, self._experiment_id = _open_store(self.uri, self.experiment)
+        if not self.resumed and self.resume_key:
+            self.run_id = find_job_run(self._client, self._experiment_id, self.resume_key, self.digest)
+            self.resumed = self.run_id is not None
+        if self.resumed:
+            self._params = _reopen_run(self._client, self.run_id, self.uri)
+            self.set_tags(self.tags)
         else:
-            self._create_run()
+            self.run_id = _create_run(self._client, self._experiment_id, self.run_name, self.tags)
         return self.run_id
 
     def end(self, status: str = "FINISHED") -> None:
@@ -335,8 +351,6 @@ class Tracker:
             call = lambda: self._client.log_artifact(self.run_id, str(local), artifact_path)  # noqa: E731
         _retry(call, f"log artifact {local}")
 
-    # -- internals
-
     def _active(self) -> bool:
         if not self.enabled:
             return False
@@ -344,73 +358,98 @@ class Tracker:
             raise RuntimeError("Tracker used outside its `with` block (call start() first)")
         return True
 
-    def _open_client(self) -> Any:
-        """An MlflowClient whose store is initialised (under the SQLite init lock)."""
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError as exc:
-            raise NernError("mlflow is not installed; `pip install mlflow` or set the tracking URI to none") from exc
-        _quiet_lock_logs()
-        with _store_init_lock(self.uri):
-            client = _retry(lambda: MlflowClient(tracking_uri=self.uri), f"open MLflow store {self.uri}")
-            self._experiment_id = _retry(lambda: self._get_or_create_experiment(client), "open the experiment")
-        return client
 
-    def _get_or_create_experiment(self, client: Any) -> str:
-        from mlflow.exceptions import MlflowException
+# ------------------------------------------------------------------------------------------ store calls
 
-        found = client.get_experiment_by_name(self.experiment)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                client.restore_experiment(found.experiment_id)
-            return found.experiment_id
-        try:
-            return client.create_experiment(self.experiment, artifact_location=self._artifact_location())
-        except MlflowException as exc:
-            if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
-                raise
-            return client.get_experiment_by_name(self.experiment).experiment_id  # another process won the race
 
-    def _artifact_location(self) -> str | None:
-        """Beside the SQLite file, never the cwd; a server decides for itself."""
-        db = sqlite_path(self.uri)
-        if db is None:
-            return None
-        return (db.parent / ARTIFACTS_DIR / _slug(self.experiment)).as_uri()
+def find_job_run(client: Any, experiment_id: str, key: str, digest: str | None) -> str | None:
+    """The run to reopen for the job `key` (its output directory) with config `digest`, None for a new run.
 
-    def _unfinished_run(self, key: str) -> str | None:
-        quote = next((q for q in "'\"" if q not in key), None)
-        if quote is None:  # MLflow's filter language cannot quote it; the run-id file still covers resumes
-            return None
-        query = f"tags.`{RESUME_TAG}` = {quote}{key}{quote} and attributes.status != 'FINISHED'"
-        runs = _retry(lambda: self._client.search_runs([self._experiment_id], filter_string=query,
-                                                       order_by=["attributes.start_time DESC"], max_results=1),
-                      f"look for an unfinished run of {key}")
-        return runs[0].info.run_id if runs else None
+    The rule: the newest run tagged with this key and this digest is the job's run, whatever its status, so a
+    rerun after a kill at any point lands in it: before the first checkpoint, mid-run, after the outputs but
+    before FINISHED, and after FINISHED but before the process exited (snakemake reruns the job). A changed
+    result-affecting config is another job: a new run, and the old job's unfinished runs of this key are
+    marked KILLED (they will never finish: their outputs are being replaced). Without a digest a FINISHED run
+    is never reopened (nothing tells a rerun of the job from a new one).
+    """
+    runs = _runs_of_job(client, experiment_id, key, digest)
+    same = next((run for run in runs if run.data.tags.get(CONFIG_TAG) == digest), None)
+    if same is not None and (digest is not None or same.info.status != "FINISHED"):
+        return same.info.run_id
+    for run in runs:
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            _retry(lambda: client.set_terminated(run.info.run_id, "KILLED"), f"close abandoned run {run.info.run_id}")
+    return None
 
-    def _create_run(self) -> None:
-        tags = {"mlflow.user": _user(), **self.tags}
-        run = _retry(
-            lambda: self._client.create_run(self._experiment_id, run_name=self.run_name, tags=tags),
-            f"create run {self.run_name}",
-        )
-        self.run_id = run.info.run_id
 
-    def _reopen_run(self) -> None:
-        from mlflow.exceptions import MlflowException
+def _runs_of_job(client: Any, experiment_id: str, key: str, digest: str | None) -> list[Any]:
+    """Runs tagged with the job key, newest first (filtered on whichever tag MLflow's filter can quote)."""
+    query = next((f"tags.`{tag}` = {quote}{value}{quote}" for tag, value in ((RESUME_TAG, key), (CONFIG_TAG, digest))
+                  if value for quote in "'\"" if quote not in value), None)
+    if query is None:
+        return []
+    runs = _retry(lambda: client.search_runs([experiment_id], filter_string=query,
+                                             order_by=["attributes.start_time DESC"], max_results=100),
+                  f"look for the runs of {key}")
+    return [run for run in runs if run.data.tags.get(RESUME_TAG) == key]
 
-        run_id = self.run_id
-        try:
-            run = _retry(lambda: self._client.get_run(run_id), f"find run {run_id}")
-        except MlflowException as exc:
-            raise NernError(
-                f"MLflow run {run_id} is not in {self.uri}; use the store the run was started with "
-                "or drop the run id to start a new run"
-            ) from exc
-        self._params = dict(run.data.params)
-        _retry(lambda: self._client.update_run(run_id, status="RUNNING"), f"reopen run {run_id}")
-        if self.tags:
-            self.set_tags(self.tags)
+
+def _open_store(uri: str, experiment: str) -> tuple[Any, str]:
+    """An MlflowClient and the experiment's id, the store initialised under the SQLite init lock."""
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError as exc:
+        raise NernError("mlflow is not installed; `pip install mlflow` or set the tracking URI to none") from exc
+    _quiet_lock_logs()
+    with _store_init_lock(uri):
+        client = _retry(lambda: MlflowClient(tracking_uri=uri), f"open MLflow store {uri}")
+        experiment_id = _retry(lambda: _experiment_id(client, experiment, uri), "open the experiment")
+    return client, experiment_id
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+    except MlflowException as exc:
+        if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # another process won the race
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Beside the SQLite file, never the cwd; a server decides for itself."""
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    return (db.parent / ARTIFACTS_DIR / _slug(experiment)).as_uri()
+
+
+def _create_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
+    tags = {"mlflow.user": _user(), **tags}
+    run = _retry(lambda: client.create_run(experiment_id, run_name=run_name, tags=tags), f"create run {run_name}")
+    return run.info.run_id
+
+
+def _reopen_run(client: Any, run_id: str, uri: str) -> dict[str, str]:
+    """Mark the run RUNNING again; returns its logged params (so a changed value is refused, not logged)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = _retry(lambda: client.get_run(run_id), f"find run {run_id}")
+    except MlflowException as exc:
+        raise NernError(
+            f"MLflow run {run_id} is not in {uri}; use the store the run was started with "
+            "or drop the run id to start a new run"
+        ) from exc
+    _retry(lambda: client.update_run(run_id, status="RUNNING"), f"reopen run {run_id}")
+    return dict(run.data.params)
 
 
 def _user() -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
+import importlib
 import json
 import os
 import subprocess
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nern.cli import main
+from nern.cli import build_parser, main
 from nern.config import ModelConfig
 from nern.models import build_model, save_model
 
@@ -185,3 +187,38 @@ def test_permute_cli_on_public_resnet20(tmp_path, capsys):
                  "--quiet", "--mlflow-uri", "none"]) == 0
     summary = json.loads(out.with_suffix(".json").read_text())
     assert len(summary["layers"]) == 19 and 0 < summary["chain_quality"] <= 1
+
+
+def test_every_stage_is_a_sub_command():
+    parser = build_parser()
+    stages = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(stages) == {"pretrain", "import", "permute", "fit", "evaluate", "tables", "compress", "importance"}
+
+
+def test_a_broken_stage_import_is_an_error_not_a_missing_sub_command(monkeypatch):
+    import nern
+
+    monkeypatch.setitem(sys.modules, "nern.importance", None)  # `import nern.importance` now raises ImportError
+    monkeypatch.delattr(nern, "importance")
+    monkeypatch.delitem(sys.modules, "nern.cli")
+    with pytest.raises(ImportError):
+        importlib.import_module("nern.cli")
+
+
+def test_a_rerun_job_stays_one_mlflow_run_and_the_uri_comes_from_the_environment(grey_model, fashion_mnist_root,
+                                                                                tmp_path, monkeypatch):
+    """$MLFLOW_TRACKING_URI reaches the CLI; rerunning a finished job (as after a kill between FINISHED and
+    exit) reopens its run; a changed result-affecting setting is a new run, a changed thread count is not."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.delenv("NERN_MLFLOW_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    args = [a for a in fit_args(fashion_mnist_root, grey_model, tmp_path / "out") if a not in ("--mlflow-uri", "none")]
+    for extra in ([], ["--set", "threads=1"], ["--set", "predictor.hidden=12"]):
+        assert main(args + extra) == 0
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("nern").experiment_id])
+    assert sorted(r.data.params["predictor.hidden"] for r in runs) == ["12", "16"]
+    assert all(r.info.status == "FINISHED" for r in runs)

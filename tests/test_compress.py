@@ -1,4 +1,5 @@
-"""Meta-compression: the file format round trip, pruning masks, quantisation error, and the stage on real data."""
+"""Meta-compression: the file format round trip (nern.codec), pruning masks (nern.pruning), quantisation error,
+and the stage on real data (nern.compress)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import pytest
 import torch
 
+from nern import codec, pruning
 from nern import compress as C
 from nern.cli import main
 from nern.config import EmbeddingConfig, FitConfig, ModelConfig, PretrainConfig, load_config
@@ -37,7 +39,7 @@ def tiny_setup(seed: int = 0) -> tuple[torch.nn.Module, Representation, Predicto
 
 def write_nern(tmp_path, predictor, masks, precision, rep, model, name="p.nernz", compressor="zstd"):
     path = tmp_path / name
-    sizes = C.write_container(path, C.encode_nern(predictor, masks, precision, rep, EMBEDDING, model), compressor)
+    sizes = codec.write_container(path, C.encode_nern(predictor, masks, precision, rep, EMBEDDING, model), compressor)
     return path, sizes
 
 
@@ -49,7 +51,7 @@ def test_fp32_nern_file_round_trip_is_bit_exact(tmp_path, compressor):
     model, rep, predictor = tiny_setup()
     path, sizes = write_nern(tmp_path, predictor, {}, "fp32", rep, model, compressor=compressor)
     assert sizes["bytes"] == path.stat().st_size
-    tensors, meta = C.read_container(path)
+    tensors, meta = codec.read_container(path)
     decoded = C.decode_predictor(tensors, meta)
     for key, value in predictor.state_dict().items():
         assert torch.equal(decoded.state_dict()[key], value), key
@@ -69,11 +71,11 @@ def test_fp32_nern_file_round_trip_is_bit_exact(tmp_path, compressor):
                                                       ("int6", 0.5, "layer"), ("int4", 0.9, "layer")])
 def test_pruned_quantised_predictor_reads_back_bit_exact(tmp_path, precision, sparsity, scope):
     model, rep, predictor = tiny_setup()
-    pruned, masks = C.pruned_predictor(predictor, sparsity, scope)
+    pruned, masks = pruning.pruned_predictor(predictor, sparsity, scope)
     path, _ = write_nern(tmp_path, pruned, masks, precision, rep, model)
-    decoded = C.decode_predictor(*C.read_container(path)).state_dict()
+    decoded = C.decode_predictor(*codec.read_container(path)).state_dict()
     for key, value in pruned.state_dict().items():
-        expected = C.fake_quantise(value, precision, masks.get(key))
+        expected = codec.fake_quantise(value, precision, masks.get(key))
         assert torch.equal(decoded[key], expected), key
         if key in masks:
             assert torch.all(decoded[key][~masks[key]] == 0)
@@ -87,7 +89,7 @@ def test_original_network_files_round_trip_and_shrink_with_precision(tmp_path):
     sizes = {}
     for precision in ("fp32", "fp16", "int8", "int4"):
         path = tmp_path / f"{precision}.nernz"
-        sizes[precision] = C.write_container(path, C.encode_network(model, {}, precision))["bytes"]
+        sizes[precision] = codec.write_container(path, C.encode_network(model, {}, precision))["bytes"]
         state = C.read_network(path).state_dict()
         if precision == "fp32":
             assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -100,11 +102,11 @@ def test_damaged_or_foreign_files_are_user_errors(tmp_path):
     truncated = tmp_path / "cut.nernz"
     truncated.write_bytes(path.read_bytes()[:-50])
     with pytest.raises(NernError, match="damaged or truncated"):
-        C.read_container(truncated)
+        codec.read_container(truncated)
     foreign = tmp_path / "foreign.nernz"
     foreign.write_bytes(b"not a container")
     with pytest.raises(NernError, match="not a NeRN compressed file"):
-        C.read_container(foreign)
+        codec.read_container(foreign)
 
 
 # -- pruning masks and quantisation ---------------------------------------------------------------------
@@ -114,10 +116,10 @@ def test_damaged_or_foreign_files_are_user_errors(tmp_path):
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.9])
 def test_magnitude_masks_hit_the_requested_sparsity(scope, sparsity):
     _, _, predictor = tiny_setup()
-    weights = C.prunable_predictor_weights(predictor)
-    masks = C.magnitude_masks(weights, sparsity, scope)
+    weights = pruning.prunable_predictor_weights(predictor)
+    masks = pruning.magnitude_masks(weights, sparsity, scope)
     total = sum(w.numel() for w in weights.values())
-    assert abs(C.mask_sparsity(masks) - sparsity) <= 1 / total
+    assert abs(pruning.mask_sparsity(masks) - sparsity) <= 1 / total
     groups = [(weights[k], masks[k]) for k in weights] if scope == "layer" else [
         (torch.cat([w.reshape(-1) for w in weights.values()]), torch.cat([m.reshape(-1) for m in masks.values()]))]
     for w, m in groups:
@@ -128,7 +130,7 @@ def test_magnitude_masks_hit_the_requested_sparsity(scope, sparsity):
 
 def test_pruned_predictor_is_exactly_zero_where_masked():
     _, _, predictor = tiny_setup()
-    pruned, masks = C.pruned_predictor(predictor, 0.6, "global")
+    pruned, masks = pruning.pruned_predictor(predictor, 0.6, "global")
     params = dict(pruned.named_parameters())
     assert all(torch.all(params[k][~m] == 0) and torch.all(params[k][m] != 0) for k, m in masks.items())
     assert dict(predictor.named_parameters())["0.weight"].abs().min() > 0  # the input predictor is untouched
@@ -137,9 +139,9 @@ def test_pruned_predictor_is_exactly_zero_where_masked():
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 def test_bit_packing_round_trip(bits):
     values = torch.randint(0, 2**bits, (1001,), dtype=torch.uint8)
-    packed = C.pack_bits(values, bits)
+    packed = codec.pack_bits(values, bits)
     assert packed.numel() == -(-1001 * bits // 8)
-    assert torch.equal(C.unpack_bits(packed, bits, 1001), values)
+    assert torch.equal(codec.unpack_bits(packed, bits, 1001), values)
 
 
 @pytest.mark.parametrize("precision", ["int8", "int6", "int4"])
@@ -148,9 +150,9 @@ def test_quantised_weights_stay_within_half_a_step(precision):
     w = torch.randn(12, 7, 3, 3) * torch.logspace(-3, 0, 12)[:, None, None, None]
     mask = torch.rand(w.shape) > 0.4
     for m in (None, mask):
-        bits = C.bits_of(precision)
-        scale = C.channel_scales(w, bits, m)
-        restored = C.fake_quantise(w, precision, m)
+        bits = codec.bits_of(precision)
+        scale = codec.channel_scales(w, bits, m)
+        restored = codec.fake_quantise(w, precision, m)
         bound = (scale / 2)[:, None, None, None] * (1 + 1e-6)
         keep = torch.ones_like(w, dtype=torch.bool) if m is None else m
         assert torch.all(((restored - w).abs() <= bound)[keep])
@@ -207,7 +209,7 @@ def test_finetune_keeps_the_mask_and_changes_the_rest(fitted_resnet8, tmp_path):
     cfg = fitted_resnet8["cfg"]
     model = load_model(cfg.model)
     predictor, rep, saved = load_predictor(fitted_resnet8["predictor"], model)
-    pruned, masks = C.pruned_predictor(predictor, 0.7, "global")
+    pruned, masks = pruning.pruned_predictor(predictor, 0.7, "global")
     splits = build_splits(saved.data, seed=saved.seed)
     for data_free in (False, True):
         tuned = C.finetune_pruned(pruned, masks, saved, model, rep, splits, 3, 1e-3, data_free, tmp_path)

@@ -111,15 +111,22 @@ def test_disabled_tracker_is_a_noop(tmp_path, monkeypatch, kwargs):
 
 
 def test_uri_resolution(tmp_path, monkeypatch):
+    """--mlflow-uri, then $NERN_MLFLOW_URI, then $MLFLOW_TRACKING_URI, then ./results/mlflow.db."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.resolve_uri(None, "res") == f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}"
-    assert tracking.resolve_uri("sqlite:///rel.db") == f"sqlite:///{tmp_path / 'rel.db'}"
-    assert tracking.resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.delenv("NERN_MLFLOW_URI", raising=False)
+    resolve = tracking.default_tracking_uri
+    assert resolve() == f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
+    assert resolve(None, "res") == f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}"
+    assert resolve("sqlite:///rel.db") == f"sqlite:///{tmp_path / 'rel.db'}"
+    assert resolve("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
-    assert tracking.resolve_uri(None) == "http://tracking:5000"
+    assert resolve(None) == "http://tracking:5000"
+    monkeypatch.setenv("NERN_MLFLOW_URI", "sqlite:///nern.db")
+    assert resolve(None) == f"sqlite:///{tmp_path / 'nern.db'}"
+    assert resolve("NONE") == tracking.DISABLED
     with pytest.raises(NernError, match="no scheme"):
-        tracking.resolve_uri("results/mlflow.db")
+        resolve("results/mlflow.db")
 
 
 def test_retry_waits_out_locks_but_not_schema_errors():
@@ -203,3 +210,33 @@ def test_unfinished_run_of_the_same_output_is_reopened_not_duplicated(tmp_path):
     fresh.start()
     assert fresh.run_id != first.run_id
     fresh.end()
+
+
+def test_a_rerun_of_the_same_job_reopens_its_finished_run_and_a_changed_config_does_not(tmp_path):
+    """Killed after the run was marked FINISHED but before the process exited: the rerun (same output, same
+    config digest) lands in the same run; a changed result-affecting config is a new job and a new run, and
+    the unfinished runs it replaces are closed."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with Tracker(uri, "exp", "fit", resume_key="/runs/a", digest="d1") as first:
+        first.log_params({"lr": 0.1})
+    with Tracker(uri, "exp", "fit", resume_key="/runs/a", digest="d1") as again:
+        assert again.resumed
+        again.log_params({"lr": 0.1})
+    assert again.run_id == first.run_id
+    abandoned = Tracker(uri, "exp", "fit", resume_key="/runs/a", digest="d2")
+    abandoned.start()  # killed: never ended
+    assert abandoned.run_id != first.run_id and not abandoned.resumed
+    with Tracker(uri, "exp", "fit", resume_key="/runs/a", digest="d3") as changed:
+        changed.log_params({"lr": 0.2})  # a new run: no clash with the old job's lr
+    client = _client(uri)
+    assert changed.run_id not in (first.run_id, abandoned.run_id)
+    assert client.get_run(abandoned.run_id).info.status == "KILLED"
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    with Tracker(uri, "exp", "fit", resume_key="/runs/b", digest="d1") as other:
+        pass
+    assert other.run_id not in (first.run_id, changed.run_id), "another output directory is another job"
+
+
+def test_config_digest_ignores_order_but_not_values():
+    assert tracking.config_digest({"a": 1, "b": 2}) == tracking.config_digest({"b": 2, "a": 1})
+    assert tracking.config_digest({"a": 1}) != tracking.config_digest({"a": 2})

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from nern import grid
+from nern.tracking import default_tracking_uri
 from nern.config import PERMUTATIONS
 
 REPO = Path(workflow.basedir)
@@ -33,13 +34,9 @@ NERN = f"{shlex.quote(sys.executable)} -m nern"
 COMPILE = "true" if config.get("compile", False) else "false"
 
 
-def tracking_uri():
-    """The configured MLflow store, else an embedded SQLite file under ./results (absolute: jobs agree on it)."""
-    uri = config["mlflow"]["tracking_uri"]
-    return uri if uri else f"sqlite:///{Path('results').resolve() / 'mlflow.db'}"
-
-
-MLFLOW_URI = shlex.quote(tracking_uri())
+# The configured MLflow store, else the environment's, else an embedded SQLite file under ./results (absolute:
+# every job agrees on it).
+MLFLOW_URI = shlex.quote(default_tracking_uri(config["mlflow"]["tracking_uri"]))
 
 # The design, checked when the DAG is built: a typo anywhere in the preset fails here, naming the key.
 ROWS = grid.table_rows(config)

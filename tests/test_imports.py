@@ -1,0 +1,88 @@
+"""The package's layering (nern/cli.py's docstring): every module imports only its own layer or below, only
+`__main__` imports the CLI, and no module imports another module's private (`_name`) functions.
+
+Read from the source with `ast`, so a function-level (lazy) import counts as much as a top-level one.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nern"
+
+LAYERS: dict[str, int] = {
+    **dict.fromkeys(("__init__", "errors", "artifacts", "config"), 1),
+    **dict.fromkeys(("models", "data", "layers", "embedding", "predictor", "reconstruct", "sampling", "losses",
+                     "permutation", "feature_maps", "smoothness", "checkpoint", "evaluate", "tracking", "plots",
+                     "codec", "pruning", "table_format", "grid", "symmetry"), 2),
+    **dict.fromkeys(("fit", "pretrain"), 3),
+    "runs": 4,
+    **dict.fromkeys(("compress", "importance"), 5),
+    "tables": 6,
+    "cli": 7,
+    "__main__": 8,
+}
+
+
+def nern_imports(source: str) -> list[tuple[str, list[str], int]]:
+    """(imported nern module, names taken from it, line) for every import statement in `source`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(alias.name.split(".")[1], [], node.lineno) for alias in node.names
+                      if alias.name.startswith("nern.")]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "nern":  # `from nern import fit, data`
+                found += [(alias.name, [], node.lineno) for alias in node.names]
+            elif node.module.startswith("nern."):
+                found.append((node.module.split(".")[1], [alias.name for alias in node.names], node.lineno))
+    return found
+
+
+def violations(module: str, source: str) -> list[str]:
+    """What `module` (a name in LAYERS) does against the layering, one line each."""
+    problems = []
+    for target, names, line in nern_imports(source):
+        if target not in LAYERS:
+            problems.append(f"{module}:{line} imports nern.{target}, which has no layer in LAYERS")
+        elif target == "cli" and module != "__main__":
+            problems.append(f"{module}:{line} imports nern.cli (only __main__ may)")
+        elif LAYERS[target] > LAYERS[module]:
+            problems.append(f"{module}:{line} imports nern.{target} from a higher layer "
+                            f"({LAYERS[target]} > {LAYERS[module]})")
+        problems += [f"{module}:{line} imports the private nern.{target}.{name}" for name in names
+                     if name.startswith("_") and not name.startswith("__")]
+    return problems
+
+
+def test_every_module_has_a_layer():
+    modules = {path.stem for path in PACKAGE.glob("*.py")}
+    assert modules - set(LAYERS) == set(), "place each new module in LAYERS (and nern/cli.py's docstring)"
+    assert set(LAYERS) - modules == set(), "LAYERS names a module that no longer exists"
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.glob("*.py")), ids=lambda p: p.stem)
+def test_imports_point_down_the_layers(path):
+    assert violations(path.stem, path.read_text()) == []
+
+
+@pytest.mark.parametrize("source, needle", [
+    ("from nern.compress import run_compress", "higher layer"),
+    ("def f():\n    from nern.tables import to_markdown", "higher layer"),
+    ("from nern import importance", "higher layer"),
+    ("import nern.cli", "nern.cli"),
+    ("from nern.plots import _pyplot", "private"),
+    ("from nern.nowhere import x", "no layer"),
+])
+def test_the_check_catches_upward_cli_and_private_imports(source, needle):
+    """The checker itself: each of these in a method module (layer 2) is a violation."""
+    found = violations("codec", source)
+    assert len(found) == 1 and needle in found[0], found
+
+
+def test_allowed_imports_pass_the_check():
+    source = "from nern.errors import NernError\nfrom nern import config\nimport nern.models\nimport numpy\n"
+    assert violations("codec", source) == []
