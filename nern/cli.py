@@ -46,17 +46,6 @@ def _tracker(args: argparse.Namespace, stage: str, run_id: str | None = None) ->
                    resume_key=resume_key)
 
 
-def _remember_run(tracker: Any, out: Path) -> None:
-    """Store the MLflow run id beside the outputs at once: a kill before the first checkpoint then resumes
-    into the same run instead of orphaning it."""
-    from nern.artifacts import atomic_path
-    from nern.fit import RUN_ID_FILE
-
-    if getattr(tracker, "run_id", None):
-        with atomic_path(out / RUN_ID_FILE) as tmp:
-            tmp.write_text(tracker.run_id)
-
-
 def _run_params(cfg: Any, resumed: bool, non_result_keys: tuple[str, ...]) -> dict[str, Any]:
     """Flattened config for MLflow; a resumed run may change the keys that do not affect results, so those
     are not logged again (MLflow refuses to change a logged param)."""
@@ -104,15 +93,13 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from nern.config import PretrainConfig, load_config
     from nern.pretrain import pretrain
 
-    from nern.fit import clear_resume_state
+    from nern.loop import CHECKPOINT_FILE, clear_resume_state
     from nern.pretrain import NON_RESULT_KEYS
 
     cfg = load_config(PretrainConfig, args.config, args.set)
     out = Path(args.out)
-    run_id = _stored_run_id(out)
-    with _tracker(args, "pretrain", run_id) as tracker:
-        _remember_run(tracker, out)
-        tracker.log_params(_run_params(cfg, run_id is not None, NON_RESULT_KEYS))
+    with _tracker(args, "pretrain") as tracker:  # finds an unfinished run of `out` by its tag
+        tracker.log_params(_run_params(cfg, (out / CHECKPOINT_FILE).is_file(), NON_RESULT_KEYS))
         metrics = pretrain(cfg, out, tracker=tracker, cleanup=False)
         _plot_curves(out)
         _log_outputs(tracker, out, metrics, ["metrics.json", "curves.csv", "curves.png", "model.safetensors"])
@@ -178,16 +165,14 @@ def cmd_permute(args: argparse.Namespace) -> None:
 
 def cmd_fit(args: argparse.Namespace) -> None:
     from nern.config import FitConfig, load_config
-    from nern.fit import NON_RESULT_KEYS, checkpointed_run_id, clear_resume_state, fit
+    from nern.fit import CHECKPOINT_FILE, NON_RESULT_KEYS, clear_resume_state, fit
 
     cfg = load_config(FitConfig, args.config, args.set, base=_model_base(args.model))
     if args.permutation and not Path(args.permutation).is_file():
         raise NernError(f"permutation file not found: {args.permutation}; run `nern permute` first")
     out = Path(args.out)
-    run_id = checkpointed_run_id(out)
-    with _tracker(args, "fit", run_id) as tracker:
-        _remember_run(tracker, out)
-        tracker.log_params(_run_params(cfg, run_id is not None, NON_RESULT_KEYS))
+    with _tracker(args, "fit") as tracker:  # finds an unfinished run of `out` by its tag
+        tracker.log_params(_run_params(cfg, (out / CHECKPOINT_FILE).is_file(), NON_RESULT_KEYS))
         metrics = fit(cfg, out, permutation=args.permutation, tracker=tracker, cleanup=False)
         _plot_curves(out)
         _log_outputs(tracker, out, metrics, ["metrics.json", "curves.csv", "curves.png", "predictor.safetensors"])
@@ -230,12 +215,6 @@ def _predictor_config(path: str) -> dict[str, Any]:
     from nern.artifacts import read_metadata
 
     return read_metadata(path).get("config", {})
-
-
-def _stored_run_id(out: Path) -> str | None:
-    from nern.fit import checkpointed_run_id
-
-    return checkpointed_run_id(out)
 
 
 # -- argument parsing --------------------------------------------------------------------------------------
