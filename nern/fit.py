@@ -252,6 +252,12 @@ def check_compile_toolchain(device: torch.device) -> None:
                         "g++) or set compile=false")
 
 
+def top1(forward: Any, imageset: Any, cfg: FitConfig, device: torch.device) -> float:
+    ks = (1, 5) if imageset.info.num_classes > 5 and cfg.data.name == "imagenet" else (1,)
+    batches = data_mod.eval_batches(imageset, cfg.data.eval_batch_size)
+    return top_k_accuracy(forward, batches, ks, device)["top1"]
+
+
 # -- the fit -----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -358,9 +364,7 @@ class Fitter:
         return [w.float() for w in self.predict_weights(None)]
 
     def _accuracy(self, forward: Any, imageset: Any) -> float:
-        ks = (1, 5) if imageset.info.num_classes > 5 and self.cfg.data.name == "imagenet" else (1,)
-        batches = data_mod.eval_batches(imageset, self.cfg.data.eval_batch_size)
-        return top_k_accuracy(forward, batches, ks, self.device)["top1"]
+        return top1(forward, imageset, self.cfg, self.device)
 
     def evaluate(self, weights: list[torch.Tensor] | None = None) -> dict[str, float]:
         """The reconstructed network's accuracies and L_rec; remembered when best on val (select_best_on_val)."""
@@ -398,10 +402,8 @@ class Fitter:
         self.best, self.original_acc = state["best"], state["original_acc"]
 
     def training_loop(self) -> TrainingLoop:
-        plan = LoopPlan("fit", self.total, log_every=max(1, min(10, self.total // 100 or 1)),
-                        eval_every=self.cfg.eval_every, checkpoint_every=self.cfg.checkpoint_every,
-                        progress=self.cfg.progress, postfix=("loss", "rec", "kd", "fmd"))
-        return TrainingLoop(self, plan, self.out / CHECKPOINT_FILE, self.fingerprint, self.tracker)
+        return TrainingLoop(self, fit_plan(self.cfg, self.total), self.out / CHECKPOINT_FILE, self.fingerprint,
+                            self.tracker)
 
     def run(self) -> dict[str, Any]:
         return run_fit(self)
@@ -431,6 +433,12 @@ def fit(cfg: FitConfig, out_dir: str | Path, *, model: nn.Module | None = None,
         return fitter.run()
 
 
+def fit_plan(cfg: FitConfig, total: int) -> LoopPlan:
+    """About 100 curves rows per run, at most one per 10 iterations."""
+    return LoopPlan("fit", total, log_every=max(1, min(10, total // 100 or 1)), eval_every=cfg.eval_every,
+                    checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, postfix=("loss", "rec", "kd", "fmd"))
+
+
 def run_fit(fitter: Fitter) -> dict[str, Any]:
     """Train `fitter` to the end (resuming from its checkpoint), then write its outputs."""
     loop = fitter.training_loop()
@@ -441,7 +449,7 @@ def run_fit(fitter: Fitter) -> dict[str, Any]:
     metrics = fit_metrics(fitter, history, resumed)
     save_predictor(fitter.out / PREDICTOR_FILE, fitter.predictor, fitter.s.rep, fitter.cfg,
                    {"permutation": fitter.s.permutation_mode, "reconstructed_top1": metrics["reconstructed_top1"]})
-    write_curves(fitter.out / CURVES_FILE, history)
+    write_curves(fitter.out / CURVES_FILE, history, loop.plan.eval_column)
     write_json(fitter.out / METRICS_FILE, metrics)  # last: its presence means the run is complete
     if fitter.cleanup:
         clear_resume_state(fitter.out)

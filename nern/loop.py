@@ -54,7 +54,8 @@ class LoopPlan:
     progress: bool = True
     postfix: tuple[str, ...] = ("loss",)  # the step's scalars shown on the progress bar
     # False (fit): evaluations are their own eval_* columns in curves.csv and eval/* metrics, steps are train/*.
-    # True (pretrain): an evaluation adds plain-named columns to its iteration's row, which is then always kept.
+    # True (pretrain): an evaluation adds plain-named columns to its iteration's row (then always written),
+    # and the tracker gets the same plain names.
     eval_in_row: bool = False
 
     def evaluates(self, iteration: int) -> bool:
@@ -65,11 +66,12 @@ class LoopPlan:
 
     @property
     def prefixes(self) -> tuple[str, str]:
-        """Tracker name prefixes of (step scalars, evaluation results); curves.csv uses `eval_column`."""
+        """Tracker name prefixes of (step scalars, evaluation results)."""
         return ("", "") if self.eval_in_row else ("train/", "eval/")
 
     @property
     def eval_column(self) -> str:
+        """Prefix of the evaluation columns in curves.csv."""
         return "" if self.eval_in_row else "eval_"
 
     def checkpoints(self, iteration: int) -> bool:
@@ -90,8 +92,10 @@ class History:
                 "eval_seconds": self.eval_seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.curves, self.evals = state["curves"], state["evals"]
-        self.train_seconds, self.eval_seconds = state["train_seconds"], state["eval_seconds"]
+        # .get: a pretrain checkpoint written before the shared loop has "seconds" and no evaluations
+        self.curves, self.evals = state["curves"], state.get("evals", [])
+        self.train_seconds = state.get("train_seconds", state.get("seconds", 0.0))
+        self.eval_seconds = state.get("eval_seconds", 0.0)
 
 
 class MetricBuffer:

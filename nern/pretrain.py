@@ -129,7 +129,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, model: nn.Module | Non
     metrics["original_top1"] = metrics["test_top1"]
     models.save_model(model, out / MODEL_FILE, {"model": to_dict(cfg.model), "test_top1": metrics["test_top1"],
                                                "pretrain": to_dict(cfg)})
-    write_curves(out / CURVES_FILE, history, eval_column="")
+    write_curves(out / CURVES_FILE, history, loop.plan.eval_column)
     write_json(out / METRICS_FILE, metrics)  # last: its presence means the run is complete
     if cleanup:
         clear_resume_state(out)

@@ -190,10 +190,6 @@ def checkpoint_iteration(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=False)["iteration"])
 
 
-def checkpoint_run_id(path: Path) -> str | None:
-    return torch.load(path, map_location="cpu", weights_only=False).get("run_id")
-
-
 def temporaries(out: Path) -> list[str]:
     return sorted(name for name in os.listdir(out) if name.endswith(".tmp"))
 
@@ -378,8 +374,9 @@ def test_killed_and_resumed_fit_is_one_finished_mlflow_run(fit_baseline, fashion
     run = faults.chain("fit with MLflow")
     _interrupt_chain(run, args, tmp_path, out, [(signal.SIGKILL, 1, half), (signal.SIGTERM, 1, half)],
                      FIT_ITERATIONS)
-    run_id = checkpoint_run_id(out / "checkpoint.pt")
-    assert run_id
+    interrupted = _mlflow_runs(uri)
+    assert len(interrupted) == 1, "the interrupted attempts must share one MLflow run"
+    run_id = interrupted[0].info.run_id
     run_to_end(args, tmp_path)
     metrics = assert_same_fit(out, fit_baseline.out)  # tracking does not change the numbers
     run.completed()
