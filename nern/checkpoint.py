@@ -1,8 +1,8 @@
 """Resumable runs: atomic training checkpoints and a SIGTERM guard for pre-emption.
 
 A checkpoint holds everything the next iteration depends on (model/predictor, optimiser, scheduler,
-sampler, data stream, RNG state, curves, MLflow run id), so a run killed at any point and restarted ends
-with the same numbers as an uninterrupted one. It also stores a fingerprint of the config: resuming a
+sampler, data stream, RNG state, curves), so a run killed at any point and restarted ends with the same
+numbers as an uninterrupted one (nern/loop.py writes and reads them). It also stores a fingerprint of the config: resuming a
 different experiment from a stale checkpoint is refused instead of silently mixing two runs.
 """
 

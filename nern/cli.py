@@ -9,7 +9,7 @@ The package is layered; a module imports only from its own layer or below (tests
 1. foundations: `errors`, `artifacts`, `config`;
 2. method modules: models, data, layers, embedding, predictor, reconstruct, sampling, losses, permutation,
    feature_maps, smoothness, checkpoint, evaluate, tracking, plots, codec, pruning, table_format, grid (the
-   experiment design), symmetry;
+   experiment design), symmetry, loop (the shared training loop), objective (NeRN's loss);
 3. training stages: `fit`, `pretrain`;
 4. stage plumbing: `runs` (arguments, the MLflow run of a job, a fitted NeRN's inputs);
 5. application stages: `compress`, `importance`;

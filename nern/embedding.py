@@ -24,7 +24,3 @@ def positional_embedding(coords: torch.Tensor, levels: int = 40, base: float = S
     angles = coords.to(torch.float64)[:, :, None] * freqs  # [N, 3, L]
     emb = torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1)  # [N, 3, L, 2]
     return emb.reshape(coords.shape[0], 6 * levels).to(torch.float32)
-
-
-def embedding_dim(levels: int) -> int:
-    return 6 * levels

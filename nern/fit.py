@@ -1,46 +1,38 @@
-"""Fitting a NeRN predictor to a pretrained network (METHOD.md 4-7).
+"""Fitting a NeRN predictor to a pretrained network (METHOD.md 2-7), in the order the paper describes it.
 
-One iteration: a batch of task images (or noise) -> the original network's logits and feature maps ->
-predict every kernel (gradient only through the sampled ones) -> the reconstructed network's logits and
-maps -> L = rec * RMSE + kd * KL + fmd * FMD -> Ranger step, cosine learning rate per iteration. Both
-networks stay in eval mode. We report the LAST iterate (and optionally the best on a validation split
-carved from the train set); the test set is never used for selection.
+One iteration (`Fitter.step`): the kernel coordinates' positional embeddings (computed once, `prepare`) ->
+the predictor -> every kernel, the gradient flowing only through the sampled ones -> the reconstructed
+network's weights -> the objective L = l_rec * L_rec + l_kd * L_KD + l_fmd * L_FMD on a batch of task images
+(or noise) run through the original and the reconstructed network (nern/objective.py) -> a Ranger step,
+cosine learning rate per iteration. Both networks stay in eval mode. We report the LAST iterate (and
+optionally the best on a validation split carved from the train set); the test set is never used for
+selection. The switches by which a fit may depart from the paper are listed in one place: `DEPARTURES`.
+nern/loop.py runs the iterations (evaluation, checkpoints, resumption, pre-emption, tracking).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from nern import data as data_mod
 from nern.artifacts import remove_stale_temporaries, save_tensors, write_json
-from nern.checkpoint import (
-    Preempted,
-    PreemptionGuard,
-    fingerprint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    tensor_digest,
-)
+from nern.checkpoint import fingerprint, tensor_digest
 from nern.config import FitConfig, flatten, to_dict
 from nern.errors import NernError
 from nern.evaluate import layer_errors, size_report, top_k_accuracy
-from nern.feature_maps import FeatureMapRecorder, map_graph
 from nern.layers import ConvLayer, conv_weights, find_conv_layers
-from nern.losses import fmd_loss, kd_loss, reconstruction_loss
-from nern.predictor import Predictor, count_params
+from nern.loop import CHECKPOINT_FILE, History, LoopPlan, TrainingLoop, clear_resume_state, write_curves
+from nern.objective import LossWeights, distillation_terms, nern_objective, reconstruction_term
+from nern.predictor import Predictor
 from nern.reconstruct import (
+    NetworkPair,
     Representation,
     identity_positions,
     kernels_to_weights,
@@ -55,8 +47,9 @@ NON_RESULT_KEYS = ("progress", "eval_every", "checkpoint_every", "threads", "dev
 PREDICTOR_FILE = "predictor.safetensors"
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "curves.csv"
-CHECKPOINT_FILE = "checkpoint.pt"
 
+
+# -- what is represented ----------------------------------------------------------------------------------
 
 @dataclass
 class FitSetup:
@@ -71,6 +64,139 @@ class FitSetup:
     permutation_mode: str
     permutation_bytes: int
 
+
+def layer_scales(originals: list[torch.Tensor]) -> torch.Tensor:
+    """Per-layer standard deviation of the original weights: the predictor then sees unit-scale targets."""
+    return torch.stack([w.float().std().clamp_min(1e-8) for w in originals])
+
+
+def _positions(layers: list[ConvLayer], permutation: str | Path | list[torch.Tensor] | None
+               ) -> tuple[list[torch.Tensor], str, int]:
+    """(each layer's coordinate permutation, its mode, the bytes it costs to store)."""
+    if permutation is None:
+        return identity_positions(layers), "none", 0
+    from nern import permutation as perm_mod
+
+    if isinstance(permutation, (str, Path)):
+        shapes = [(layer.shape[0], layer.shape[1]) for layer in layers]
+        positions, meta = perm_mod.load_permutations(permutation, expected_shapes=shapes)
+        mode = meta.get("mode", "unknown")
+        return positions, mode, 0 if mode == "none" else perm_mod.permutation_bytes(positions)
+    positions = list(permutation)
+    return positions, "custom", perm_mod.permutation_bytes(positions)
+
+
+def prepare(cfg: FitConfig, model: nn.Module | None = None, permutation: str | list[torch.Tensor] | None = None,
+            splits: Any = None) -> FitSetup:
+    """The represented layers, their targets and the kernel coordinates' embeddings (METHOD.md 1-2)."""
+    from nern import models
+
+    if model is None:
+        torch.manual_seed(cfg.seed)  # a config without a checkpoint gets the same random original every time
+        model = models.load_model(cfg.model)
+    model = model.to(cfg.device).eval()
+    model.requires_grad_(False)
+    layers = find_conv_layers(model, cfg.represent)
+    originals = conv_weights(model, layers)
+    positions, mode, perm_bytes = _positions(layers, permutation)
+    scales = layer_scales(originals).cpu() if cfg.predictor.normalize_targets else None
+    rep = Representation(layers, [p.cpu() for p in positions], kernel_size=3, scales=scales)
+    targets = weights_to_kernels(originals, rep.kernel_size)
+    embeddings = rep.embeddings(cfg.embedding.levels, cfg.embedding.base).to(cfg.device)
+    if splits is None:
+        splits = data_mod.build_splits(cfg.data, seed=cfg.seed)
+    data_mod.check_compatible(splits.test.info, _in_channels(model))
+    return FitSetup(model, rep, originals, targets, embeddings, splits, mode, perm_bytes)
+
+
+def _in_channels(model: nn.Module) -> int:
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    return first.in_channels
+
+
+# -- where a fit departs from the paper -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Departure:
+    key: str  # the config key
+    paper: Any  # its value in the paper's recipe (config/presets/paper.yaml): the switch is off
+    why: str
+
+
+# Every code path by which a fit may depart from the paper's recipe. config/presets/fast.yaml switches the
+# first six on (docs/PERFORMANCE.md has the measurements); its other changes are plain values (learning rates,
+# Ranger's beta1, loss weights, the embedding base). `Recipe` below is the code of the first, second and
+# sixth; the others act where the fit is built (prepare, Predictor, KernelSampler, make_scheduler, Fitter).
+DEPARTURES = (
+    Departure("rec_only_iterations", 0,
+              "reconstruct first, without images (a few times cheaper per step), on its own cosine schedule peaking "
+              "at optim.rec_only_lr; the optimiser's moments are reset when distillation starts, since they belong "
+              "to a far smaller gradient (ResNet20: norm ~0.01 at the end of the phase, ~400 once distilling)"),
+    Departure("loss.rec_space", "raw",
+              "the reconstruction error in units of each layer's weight std, so layers with small weights are "
+              "learnt as well as those with large ones"),
+    Departure("predictor.normalize_targets", False,
+              "the predictor emits per-layer standardised kernels, rescaled by one stored fp32 scalar per layer "
+              "(counted in the size as scale_bytes)"),
+    Departure("predictor.init", "default", "He (variance-preserving) init: deep or wide predictors start with "
+              "outputs of a sensible scale"),
+    Departure("sampling.method", "random_weighted_batch",
+              "all: every kernel carries gradient each iteration, 7x more signal per step for ResNet20"),
+    Departure("optim.clip_grad_norm", None,
+              "cap the gradient norm: RAdam's first steps are un-normalised SGD steps, and the first distillation "
+              "gradient after the reconstruction phase has norm ~860"),
+    Departure("optim.warmup_iterations", 0, "a linear learning-rate warm-up of the distillation phase"),
+    Departure("autocast_bf16", False, "predictor and reconstructed network in bfloat16 (throughput); losses in fp32"),
+    Departure("compile", False, "torch.compile: one fused graph per network (throughput, same losses to ~1e-3)"),
+)
+
+
+def departures(cfg: FitConfig) -> dict[str, Any]:
+    """The departures `cfg` switches on, with their values."""
+    flat = flatten(to_dict(cfg))
+    return {d.key: flat[d.key] for d in DEPARTURES if flat[d.key] != d.paper}
+
+
+def distillation_weights(cfg: FitConfig, iteration: int) -> tuple[float, float]:
+    """(kd, fmd) weights at this step: zero in the reconstruction-only phase and in the `loss.warmup`
+    iterations after it (the paper's warm-up for ResNet56 and ImageNet)."""
+    if iteration < cfg.rec_only_iterations + cfg.loss.warmup:
+        return 0.0, 0.0
+    return cfg.loss.kd, cfg.loss.fmd
+
+
+class Recipe:
+    """The code of the departures that act during an iteration: the two phases, the normalised reconstruction
+    error and gradient clipping. With the paper's settings each method is the paper's plain behaviour."""
+
+    def __init__(self, cfg: FitConfig, originals: list[torch.Tensor]):
+        self.cfg = cfg
+        # rec_space=normalized: each layer's error weighed by 1/std of its original weights
+        self.rec_layer_weights = ([float(1 / s) for s in layer_scales(originals)]
+                                  if cfg.loss.rec_space == "normalized" else None)
+
+    def loss_weights(self, iteration: int) -> LossWeights:
+        return LossWeights(self.cfg.loss.rec, *distillation_weights(self.cfg, iteration))
+
+    def restarts_optimizer(self, iteration: int) -> bool:
+        """At the first distillation step after a reconstruction-only phase (fresh moments, fresh Lookahead)."""
+        return iteration == self.cfg.rec_only_iterations and iteration > 0
+
+    def rec_targets(self, originals: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.rec_layer_weights is None:
+            return originals
+        return [w * r for w, r in zip(originals, self.rec_layer_weights)]
+
+    def clip_gradients(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """The gradient's L2 norm before clipping (a cheap divergence warning in the curves), clipped to
+        optim.clip_grad_norm when that is set."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if self.cfg.optim.clip_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.clip_grad_norm, norm)
+        return norm
+
+
+# -- optimiser and schedule (METHOD.md 7) -----------------------------------------------------------------
 
 def make_optimizer(cfg: FitConfig, params: Any) -> torch.optim.Optimizer:
     o = cfg.optim
@@ -110,58 +236,11 @@ def make_scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer, total: int)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def distillation_weights(cfg: FitConfig, iteration: int) -> tuple[float, float]:
-    """(kd, fmd) weights at this step: zero in the reconstruction-only phase and the `loss.warmup` iterations
-    after it."""
-    if iteration < cfg.rec_only_iterations + cfg.loss.warmup:
-        return 0.0, 0.0
-    return cfg.loss.kd, cfg.loss.fmd
-
-
-def layer_scales(originals: list[torch.Tensor]) -> torch.Tensor:
-    """Per-layer standard deviation of the original weights: the predictor then sees unit-scale targets."""
-    return torch.stack([w.float().std().clamp_min(1e-8) for w in originals])
-
-
-def prepare(cfg: FitConfig, model: nn.Module | None = None, permutation: str | list[torch.Tensor] | None = None,
-            splits: Any = None) -> FitSetup:
-    from nern import models
-
-    if model is None:
-        torch.manual_seed(cfg.seed)  # a config without a checkpoint gets the same random original every time
-        model = models.load_model(cfg.model)
-    model = model.to(cfg.device).eval()
-    model.requires_grad_(False)
-    layers = find_conv_layers(model, cfg.represent)
-    originals = conv_weights(model, layers)
-    mode, perm_bytes = "none", 0
-    if permutation is None:
-        positions = identity_positions(layers)
-    elif isinstance(permutation, (str, Path)):
-        from nern import permutation as perm_mod
-
-        shapes = [(layer.shape[0], layer.shape[1]) for layer in layers]
-        positions, meta = perm_mod.load_permutations(permutation, expected_shapes=shapes)
-        mode = meta.get("mode", "unknown")
-        perm_bytes = 0 if mode == "none" else perm_mod.permutation_bytes(positions)
-    else:
-        from nern import permutation as perm_mod
-
-        positions, mode = list(permutation), "custom"
-        perm_bytes = perm_mod.permutation_bytes(positions)
-    scales = layer_scales(originals).cpu() if cfg.predictor.normalize_targets else None
-    rep = Representation(layers, [p.cpu() for p in positions], kernel_size=3, scales=scales)
-    targets = weights_to_kernels(originals, rep.kernel_size)
-    embeddings = rep.embeddings(cfg.embedding.levels, cfg.embedding.base).to(cfg.device)
-    if splits is None:
-        splits = data_mod.build_splits(cfg.data, seed=cfg.seed)
-    data_mod.check_compatible(splits.test.info, _in_channels(model))
-    return FitSetup(model, rep, originals, targets, embeddings, splits, mode, perm_bytes)
-
-
-def _in_channels(model: nn.Module) -> int:
-    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    return first.in_channels
+def total_iterations(cfg: FitConfig, batches_per_epoch: int) -> int:
+    """The distillation iterations (`rec_only_iterations` come on top)."""
+    if cfg.iterations is not None:
+        return cfg.iterations
+    return max(1, math.ceil(cfg.epochs * batches_per_epoch))
 
 
 def check_compile_toolchain(device: torch.device) -> None:
@@ -173,19 +252,32 @@ def check_compile_toolchain(device: torch.device) -> None:
                         "g++) or set compile=false")
 
 
-def total_iterations(cfg: FitConfig, batches_per_epoch: int) -> int:
-    if cfg.iterations is not None:
-        return cfg.iterations
-    return max(1, math.ceil(cfg.epochs * batches_per_epoch))
+def top1(forward: Any, imageset: Any, cfg: FitConfig, device: torch.device) -> float:
+    batches = data_mod.eval_batches(imageset, cfg.data.eval_batch_size)
+    return top_k_accuracy(forward, batches, (1,), device)["top1"]
+
+
+# -- the fit -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Terms:
+    """One iteration's objective and its three terms."""
+
+    loss: torch.Tensor
+    rec: torch.Tensor
+    kd: torch.Tensor
+    fmd: torch.Tensor
 
 
 class Fitter:
-    """The training state of one fit; `run()` trains to the end, resuming from `out_dir` when possible."""
+    """The training state of one fit; `step()` is one iteration, `run()` trains to the end in `out_dir`.
+
+    Holds forward hooks on the original model (unless compiled): `close()` it, or use it as a context manager.
+    """
 
     def __init__(self, cfg: FitConfig, setup: FitSetup, out_dir: Path, tracker: Any = None, cleanup: bool = True):
-        self.cfg, self.s, self.out = cfg, setup, Path(out_dir)
+        self.cfg, self.s, self.out, self.tracker = cfg, setup, Path(out_dir), tracker
         self.cleanup = cleanup  # False: the caller clears the resume state once it has logged the results
-        self.tracker = tracker
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.predictor = Predictor(setup.embeddings.shape[1], cfg.predictor.hidden, cfg.predictor.depth,
@@ -193,141 +285,77 @@ class Fitter:
         if cfg.compile:
             check_compile_toolchain(self.device)
         self.forward_predictor: nn.Module = torch.compile(self.predictor) if cfg.compile else self.predictor
-        self.teacher, self.student = self._networks(cfg.compile)
         self.stream = data_mod.train_stream(cfg.data, cfg.seed, setup.splits.train, data_free=cfg.data_free,
                                             device=None if self.device.type == "cpu" else self.device)
         self.distillation_total = total_iterations(cfg, self.stream.batches_per_epoch)
         self.total = cfg.rec_only_iterations + self.distillation_total
         self.optimizer = make_optimizer(cfg, self.predictor.parameters())
         self.scheduler = make_scheduler(cfg, self.optimizer, self.distillation_total)
-        norms = setup.targets.norm(dim=1)
-        self.sampler = KernelSampler(cfg.sampling.method, cfg.sampling.batch, setup.rep.offsets, norms,
-                                     cfg.sampling.uniform_prob, seed=cfg.seed)
-        self.targets = setup.targets.to(self.device)
+        self.sampler = KernelSampler(cfg.sampling.method, cfg.sampling.batch, setup.rep.offsets,
+                                     setup.targets.norm(dim=1), cfg.sampling.uniform_prob, seed=cfg.seed)
         self.originals = [w.to(self.device) for w in setup.originals]
-        # rec_space=normalized: each layer's error in units of its weight std (1/std per layer)
-        self.rec_weights: list[float] | None = None
-        self.originals_rec = self.originals
-        if cfg.loss.rec_space == "normalized":
-            self.rec_weights = [float(1 / s) for s in layer_scales(setup.originals)]
-            self.originals_rec = [w * r for w, r in zip(self.originals, self.rec_weights)]
-        self.scales = setup.rep.kernel_scales()
-        if self.scales is not None:
-            self.scales = self.scales.to(self.device)
+        self.recipe = Recipe(cfg, setup.originals)
+        self.rec_targets = self.recipe.rec_targets(self.originals)
+        scales = setup.rep.kernel_scales()
+        self.scales = scales.to(self.device) if scales is not None else None
         self.iteration = 0
-        self.train_seconds = 0.0
-        self.eval_seconds = 0.0
-        self.curves: list[dict[str, float]] = []
-        self.evals: list[dict[str, float]] = []
         self.best: dict[str, Any] | None = None
         self.original_acc: dict[str, float] | None = None
-        self.run_id: str | None = None
-        # Metrics reach the tracker when a checkpoint is written: iterations replayed after a kill are then
-        # logged once, not twice (their first values died with the process).
-        self._pending_metrics: list[tuple[dict[str, float], int]] = []
         inputs = tensor_digest([setup.targets, *setup.rep.positions])
         self.fingerprint = fingerprint({**flatten(to_dict(cfg)), "inputs": inputs}, NON_RESULT_KEYS)
+        # last: from here on the original model carries hooks (unless fused), removed by close()
+        self.networks = NetworkPair(setup.model, setup.rep, fused=cfg.compile)
+        self._distil = torch.compile(self._student_terms) if self.networks.fused else self._student_terms
 
-    # -- one iteration ------------------------------------------------------------------------------------
+    # -- one iteration: embeddings -> predictor -> kernels -> reconstructed network -> losses -> step -----
     def predict_weights(self, sampled: torch.Tensor | None) -> list[torch.Tensor]:
         kernels = predict_kernels(self.forward_predictor, self.s.embeddings, sampled, self.scales)
         return kernels_to_weights(kernels, self.s.rep)
 
+    def reconstruction(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        return reconstruction_term(weights, self.rec_targets, self.recipe.rec_layer_weights)
+
+    def _student_terms(self, weights: list[torch.Tensor], x: torch.Tensor, teacher_logits: torch.Tensor,
+                       teacher_maps: list[torch.Tensor], use_kd: bool, use_fmd: bool) -> tuple[torch.Tensor, ...]:
+        """The reconstructed network on `x` and its distillation terms: one graph when compiled."""
+        logits, maps = self.networks.student(weights, x)
+        return distillation_terms(logits, maps, teacher_logits, teacher_maps, self.cfg.loss.temperature, use_kd,
+                                  use_fmd)
+
+    def objective(self, weights: list[torch.Tensor], lam: LossWeights) -> Terms:
+        """L from the predicted weights and, when this iteration distils, both networks on one batch."""
+        rec = self.reconstruction(weights)
+        kd = fmd = torch.zeros((), device=self.device)
+        if lam.distils:
+            x = self.stream.next()[0].to(self.device, non_blocking=True)
+            with torch.no_grad():
+                teacher_logits, teacher_maps = self.networks.teacher(x)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
+                kd, fmd = self._distil(weights, x, teacher_logits, teacher_maps, lam.kd > 0, lam.fmd > 0)
+        return Terms(nern_objective(lam, rec, kd, fmd), rec, kd, fmd)
+
     def step(self) -> dict[str, float]:
-        if self.iteration == self.cfg.rec_only_iterations and self.iteration > 0:
-            self.reset_optimizer_state()
-        kd_w, fmd_w = distillation_weights(self.cfg, self.iteration)
+        if self.recipe.restarts_optimizer(self.iteration):
+            self.optimizer.state.clear()
+        lam = self.recipe.loss_weights(self.iteration)
         sampled = self.sampler.sample()
         if sampled is not None:
             sampled = sampled.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
             weights = self.predict_weights(sampled)
-        rec = self.reconstruction(weights)
-        loss = self.cfg.loss.rec * rec
-        kd = fmd = torch.zeros((), device=self.device)
-        if kd_w > 0 or fmd_w > 0:
-            x, _ = self.stream.next()
-            x = x.to(self.device, non_blocking=True)
-            with torch.no_grad():
-                teacher_logits, teacher_maps = self.teacher(x)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
-                kd, fmd = self.student(weights, x, teacher_logits, teacher_maps, kd_w > 0, fmd_w > 0)
-            loss = loss + kd_w * kd + fmd_w * fmd
-        if not torch.isfinite(loss):
-            raise NernError(
-                f"the loss became {loss.item()} at iteration {self.iteration}; lower optim.lr or check the "
-                "original weights for NaN/inf"
-            )
+        terms = self.objective(weights, lam)
+        if not torch.isfinite(terms.loss):
+            raise NernError(f"the loss became {terms.loss.item()} at iteration {self.iteration}; lower optim.lr "
+                            "or check the original weights for NaN/inf")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = self.clip_gradients()
+        terms.loss.backward()
+        grad_norm = self.recipe.clip_gradients(list(self.predictor.parameters()))
         self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.iteration += 1
-        return {"loss": loss.item(), "rec": rec.item(), "kd": kd.item(), "fmd": fmd.item(), "lr": lr,
-                "grad_norm": grad_norm.item()}
-
-    def reset_optimizer_state(self) -> None:
-        """Distillation starts with fresh moments (and a fresh Lookahead anchor): the reconstruction phase's
-        moments belong to a far smaller gradient (ResNet20: norm ~0.01 at its end, ~400 once distilling)."""
-        self.optimizer.state.clear()
-
-    def clip_gradients(self) -> torch.Tensor:
-        """The gradient's L2 norm before clipping (a cheap divergence warning in the curves), clipped to
-        optim.clip_grad_norm when that is set."""
-        grads = [p.grad for p in self.predictor.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if self.cfg.optim.clip_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.predictor.parameters(), self.cfg.optim.clip_grad_norm, norm)
-        return norm
-
-    def _networks(self, compiled: bool) -> tuple[Any, Any]:
-        """(teacher, student): teacher(x) -> (logits, maps); student(weights, x, teacher outputs, use_kd,
-        use_fmd) -> (kd, fmd). Compiled: one fx graph per network returning its maps, so torch.compile fuses
-        normalisation, activation and the distillation reductions; eager (or an untraceable model): hooks."""
-        graph = map_graph(self.s.model) if compiled else None
-        self._recorder: FeatureMapRecorder | None = None
-        if graph is None:
-            recorder = self._recorder = FeatureMapRecorder(self.s.model)
-
-            def teacher(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-                with recorder.record() as maps:
-                    return self.s.model(x), list(maps)
-
-            def student_outputs(weights: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-                with recorder.record() as maps:
-                    return run_reconstructed(self.s.model, self.s.rep, weights, x), list(maps)
-        else:
-            teacher = torch.compile(graph)
-
-            def student_outputs(weights: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-                logits, maps = run_reconstructed(graph, self.s.rep, weights, x)
-                return logits, list(maps)
-
-        temperature = self.cfg.loss.temperature
-
-        def student(weights: list[torch.Tensor], x: torch.Tensor, teacher_logits: torch.Tensor,
-                    teacher_maps: list[torch.Tensor], use_kd: bool, use_fmd: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            logits, maps = student_outputs(weights, x)
-            zero = logits.new_zeros(())
-            kd = kd_loss(logits.float(), teacher_logits.float(), temperature) if use_kd else zero
-            fmd = fmd_loss([m.float() for m in maps], [m.float() for m in teacher_maps]) if use_fmd else zero
-            return kd, fmd
-
-        return teacher, (torch.compile(student) if graph is not None else student)
-
-    def close(self) -> None:
-        """Remove the feature-map hooks from the original model (it may be reused by another fit)."""
-        if self._recorder is not None:
-            self._recorder.close()
-            self._recorder = None
-
-    def reconstruction(self, weights: list[torch.Tensor]) -> torch.Tensor:
-        """L_rec: the paper's RMSE over all weights, or (rec_space=normalized) over per-layer standardised ones."""
-        if self.rec_weights is None:
-            return reconstruction_loss([w.float() for w in weights], self.originals)
-        return reconstruction_loss([w.float() * r for w, r in zip(weights, self.rec_weights)], self.originals_rec)
+        return {"loss": terms.loss.item(), "rec": terms.rec.item(), "kd": terms.kd.item(),
+                "fmd": terms.fmd.item(), "lr": lr, "grad_norm": grad_norm.item()}
 
     # -- evaluation ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -335,18 +363,19 @@ class Fitter:
         return [w.float() for w in self.predict_weights(None)]
 
     def _accuracy(self, forward: Any, imageset: Any) -> float:
-        batches = data_mod.eval_batches(imageset, self.cfg.data.eval_batch_size)
-        return top_k_accuracy(forward, batches, (1,), self.device)["top1"]
+        return top1(forward, imageset, self.cfg, self.device)
 
     def evaluate(self, weights: list[torch.Tensor] | None = None) -> dict[str, float]:
-        start = time.perf_counter()
+        """The reconstructed network's accuracies and L_rec; remembered when best on val (select_best_on_val)."""
         weights = weights if weights is not None else self.reconstructed_weights()
         forward = lambda x: run_reconstructed(self.s.model, self.s.rep, weights, x)  # noqa: E731
         result = {"iteration": self.iteration, "test_top1": self._accuracy(forward, self.s.splits.test)}
         if self.s.splits.val is not None:
             result["val_top1"] = self._accuracy(forward, self.s.splits.val)
-        result["rec_rmse"] = float(reconstruction_loss(weights, self.originals))
-        self.eval_seconds += time.perf_counter() - start
+        result["rec_rmse"] = float(reconstruction_term(weights, self.originals))
+        if self.cfg.select_best_on_val and "val_top1" in result:
+            if self.best is None or result["val_top1"] > self.best["val_top1"]:
+                self.best = {**result, "state": copy.deepcopy(self.predictor.state_dict())}
         return result
 
     def evaluate_original(self) -> dict[str, float]:
@@ -355,26 +384,12 @@ class Fitter:
             result["val_top1"] = self._accuracy(self.s.model, self.s.splits.val)
         return result
 
-    def _record_eval(self, result: dict[str, float]) -> None:
-        self.evals.append(result)
-        self._log_metrics({f"eval/{k}": v for k, v in result.items() if k != "iteration"})
-        if self.cfg.select_best_on_val and "val_top1" in result:
-            if self.best is None or result["val_top1"] > self.best["val_top1"]:
-                self.best = {**result, "state": copy.deepcopy(self.predictor.state_dict())}
-
-    # -- checkpointing ------------------------------------------------------------------------------------
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out / CHECKPOINT_FILE
-
+    # -- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "fingerprint": self.fingerprint, "iteration": self.iteration, "predictor": self.predictor.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(), "stream": self.stream.state_dict(), "rng": rng_state(),
-            "curves": self.curves, "evals": self.evals, "best": self.best, "original_acc": self.original_acc,
-            "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds, "run_id": self.run_id,
-        }
+        return {"iteration": self.iteration, "predictor": self.predictor.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(), "stream": self.stream.state_dict(), "best": self.best,
+                "original_acc": self.original_acc}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iteration = state["iteration"]
@@ -383,125 +398,98 @@ class Fitter:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.stream.load_state_dict(state["stream"])
-        set_rng_state(state["rng"])
-        self.curves, self.evals, self.best = state["curves"], state["evals"], state["best"]
-        self.original_acc = state["original_acc"]
-        self.train_seconds, self.eval_seconds = state["train_seconds"], state["eval_seconds"]
-        self.run_id = state["run_id"]
+        self.best, self.original_acc = state["best"], state["original_acc"]
 
-    def _log_metrics(self, metrics: dict[str, float]) -> None:
-        if self.tracker is not None:
-            self._pending_metrics.append((metrics, self.iteration))
+    def training_loop(self) -> TrainingLoop:
+        return TrainingLoop(self, fit_plan(self.cfg, self.total), self.out / CHECKPOINT_FILE, self.fingerprint,
+                            self.tracker)
 
-    def flush_metrics(self) -> None:
-        while self._pending_metrics:
-            metrics, step = self._pending_metrics[0]
-            self.tracker.log_metrics(metrics, step=step)
-            self._pending_metrics.pop(0)
-
-    def save(self) -> None:
-        self.flush_metrics()
-        save_checkpoint(self.checkpoint_path, self.state_dict())
-
-    def try_resume(self) -> bool:
-        state = load_checkpoint(self.checkpoint_path, self.fingerprint)
-        if state is None:
-            return False
-        self.load_state_dict(state)
-        return True
-
-    # -- the loop -----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        resumed = self.try_resume()
-        if self.original_acc is None:
-            self.original_acc = self.evaluate_original()
-        bar = tqdm(total=self.total, initial=self.iteration, desc="fit", disable=not cfg.progress,
-                   dynamic_ncols=True, mininterval=1.0)
-        log_every = max(1, min(10, self.total // 100 or 1))
-        with PreemptionGuard() as guard:
-            while self.iteration < self.total:
-                start = time.perf_counter()
-                losses = self.step()
-                self.train_seconds += time.perf_counter() - start
-                if self.iteration % log_every == 0 or self.iteration == self.total:
-                    row = {"iteration": self.iteration, **losses}
-                    self.curves.append(row)
-                    self._log_metrics({f"train/{k}": v for k, v in losses.items()})
-                bar.set_postfix(loss=f"{losses['loss']:.4g}", rec=f"{losses['rec']:.3g}", kd=f"{losses['kd']:.3g}",
-                                fmd=f"{losses['fmd']:.3g}", refresh=False)
-                bar.update(1)
-                if cfg.eval_every and self.iteration % cfg.eval_every == 0 and self.iteration < self.total:
-                    result = self.evaluate()
-                    self._record_eval(result)
-                    bar.write(f"[fit] iteration {self.iteration}: test top-1 {result['test_top1']:.2f}%"
-                              + (f", val top-1 {result['val_top1']:.2f}%" if "val_top1" in result else ""))
-                if guard.requested or (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0):
-                    self.save()
-                if guard.requested:
-                    bar.close()
-                    raise Preempted(f"stopped by SIGTERM at iteration {self.iteration}; checkpoint saved")
-        bar.close()
-        final = self.evaluate()
-        self._record_eval(final)
-        return self.finish(final, resumed)
+        return run_fit(self)
 
-    def finish(self, final: dict[str, float], resumed: bool) -> dict[str, Any]:
-        weights = self.reconstructed_weights()
-        sizes = size_report(count_params(self.predictor), self.s.rep.layers, self.s.permutation_bytes,
-                            0 if self.s.rep.scales is None else len(self.s.rep.scales))
-        metrics: dict[str, Any] = {
-            "original_top1": self.original_acc["test_top1"],
-            "original_val_top1": self.original_acc.get("val_top1"),
-            "reconstructed_top1": final["test_top1"],
-            "reconstructed_val_top1": final.get("val_top1"),
-            "rec_rmse": final["rec_rmse"],
-            **sizes,
-            "permutation": self.s.permutation_mode,
-            "iterations": self.iteration,
-            "rec_only_iterations": min(self.iteration, self.cfg.rec_only_iterations),
-            "distillation_iterations": max(0, self.iteration - self.cfg.rec_only_iterations),
-            "wall_seconds": self.train_seconds + self.eval_seconds,
-            "train_seconds": self.train_seconds,
-            "eval_seconds": self.eval_seconds,
-            "seconds_per_iteration": self.train_seconds / max(1, self.iteration),
-            "final_loss": self.curves[-1]["loss"] if self.curves else None,
-            "data_free": self.cfg.data_free,
-            "resumed": resumed,
-            "layers": layer_errors(weights, self.originals, self.s.rep.layers),
-        }
-        if self.best is not None:
-            metrics["best_val_iteration"] = self.best["iteration"]
-            metrics["best_val_top1"] = self.best["val_top1"]
-            metrics["best_val_test_top1"] = self.best["test_top1"]
-        self.write_outputs(metrics)
-        return metrics
+    def close(self) -> None:
+        """Remove the feature-map hooks from the original model (it may be the user's, or reused by another fit)."""
+        self.networks.close()
 
-    def write_outputs(self, metrics: dict[str, Any]) -> None:
-        self.flush_metrics()
-        save_predictor(self.out / PREDICTOR_FILE, self.predictor, self.s.rep, self.cfg,
-                       {"permutation": self.s.permutation_mode, "reconstructed_top1": metrics["reconstructed_top1"]})
-        write_curves(self.out / CURVES_FILE, self.curves, self.evals)
-        write_json(self.out / METRICS_FILE, metrics)  # last: its presence means the run is complete
-        if self.cleanup:
-            clear_resume_state(self.out)
+    def __enter__(self) -> Fitter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
-def write_curves(path: Path, curves: list[dict[str, float]], evals: list[dict[str, float]]) -> None:
-    from nern.artifacts import atomic_path
+# -- the run -----------------------------------------------------------------------------------------------
 
-    rows: dict[int, dict[str, float]] = {}
-    for row in curves:
-        rows.setdefault(int(row["iteration"]), {}).update(row)
-    for row in evals:
-        rows.setdefault(int(row["iteration"]), {}).update({f"eval_{k}": v for k, v in row.items() if k != "iteration"})
-    columns = sorted({k for r in rows.values() for k in r} - {"iteration"})
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["iteration", *columns])
-        for it in sorted(rows):
-            writer.writerow([it, *(rows[it].get(c, "") for c in columns)])
+def fit(cfg: FitConfig, out_dir: str | Path, *, model: nn.Module | None = None,
+        permutation: str | list[torch.Tensor] | None = None, splits: Any = None, tracker: Any = None,
+        cleanup: bool = True) -> dict[str, Any]:
+    """Fit (or resume) a NeRN into `out_dir`; returns the metrics also written to metrics.json."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    setup = prepare(cfg, model=model, permutation=permutation, splits=splits)
+    remove_stale_temporaries(out_dir, [CHECKPOINT_FILE, PREDICTOR_FILE, METRICS_FILE, CURVES_FILE, "curves.png"])
+    with Fitter(cfg, setup, Path(out_dir), tracker, cleanup=cleanup) as fitter:
+        return fitter.run()
 
+
+def fit_plan(cfg: FitConfig, total: int) -> LoopPlan:
+    """About 100 curves rows per run, at most one per 10 iterations."""
+    return LoopPlan("fit", total, log_every=max(1, min(10, total // 100 or 1)), eval_every=cfg.eval_every,
+                    checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, postfix=("loss", "rec", "kd", "fmd"))
+
+
+def run_fit(fitter: Fitter) -> dict[str, Any]:
+    """Train `fitter` to the end (resuming from its checkpoint), then write its outputs."""
+    loop = fitter.training_loop()
+    resumed = loop.resume()
+    if fitter.original_acc is None:
+        fitter.original_acc = fitter.evaluate_original()
+    history = loop.run()
+    metrics = fit_metrics(fitter, history, resumed)
+    save_predictor(fitter.out / PREDICTOR_FILE, fitter.predictor, fitter.s.rep, fitter.cfg,
+                   {"permutation": fitter.s.permutation_mode, "reconstructed_top1": metrics["reconstructed_top1"]})
+    write_curves(fitter.out / CURVES_FILE, history, loop.plan.eval_column)
+    write_json(fitter.out / METRICS_FILE, metrics)  # last: its presence means the run is complete
+    if fitter.cleanup:
+        clear_resume_state(fitter.out)
+    return metrics
+
+
+def fit_metrics(fitter: Fitter, history: History, resumed: bool) -> dict[str, Any]:
+    """metrics.json: the final iterate's accuracies and errors, the sizes, and the time it took."""
+    from nern.models import count_parameters
+
+    final, s, it, rec_only = history.evals[-1], fitter.s, fitter.iteration, fitter.cfg.rec_only_iterations
+    sizes = size_report(count_parameters(fitter.predictor), s.rep.layers, s.permutation_bytes,
+                        0 if s.rep.scales is None else len(s.rep.scales))
+    metrics: dict[str, Any] = {
+        "original_top1": fitter.original_acc["test_top1"],
+        "original_val_top1": fitter.original_acc.get("val_top1"),
+        "reconstructed_top1": final["test_top1"],
+        "reconstructed_val_top1": final.get("val_top1"),
+        "rec_rmse": final["rec_rmse"],
+        **sizes,
+        "permutation": s.permutation_mode,
+        "iterations": it,
+        "rec_only_iterations": min(it, rec_only),
+        "distillation_iterations": max(0, it - rec_only),
+        "wall_seconds": history.train_seconds + history.eval_seconds,
+        "train_seconds": history.train_seconds,
+        "eval_seconds": history.eval_seconds,
+        "seconds_per_iteration": history.train_seconds / max(1, it),
+        "final_loss": history.curves[-1]["loss"] if history.curves else None,
+        "data_free": fitter.cfg.data_free,
+        "resumed": resumed,
+        "layers": layer_errors(fitter.reconstructed_weights(), fitter.originals, s.rep.layers),
+    }
+    if fitter.best is not None:
+        metrics["best_val_iteration"] = fitter.best["iteration"]
+        metrics["best_val_top1"] = fitter.best["val_top1"]
+        metrics["best_val_test_top1"] = fitter.best["test_top1"]
+    return metrics
+
+
+# -- the predictor file ------------------------------------------------------------------------------------
 
 def save_predictor(path: Path, predictor: Predictor, rep: Representation, cfg: FitConfig,
                    extra: dict[str, Any]) -> None:
@@ -555,44 +543,5 @@ def decode_weights(predictor: Predictor, rep: Representation, cfg: FitConfig) ->
     return kernels_to_weights(kernels, rep)
 
 
-RUN_ID_FILE = "mlflow_run_id"
-
-
-def checkpointed_run_id(out_dir: str | Path) -> str | None:
-    """The MLflow run id of an interrupted run in `out_dir`, so its resumption logs to the same run.
-
-    The CLI writes it to a small file as soon as the run exists (a kill before the first checkpoint must not
-    orphan the run); older outputs have it only inside the checkpoint.
-    """
-    out = Path(out_dir)
-    if (out / RUN_ID_FILE).is_file():
-        return (out / RUN_ID_FILE).read_text().strip() or None
-    if not (out / CHECKPOINT_FILE).is_file():
-        return None
-    try:
-        return torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=False).get("run_id")
-    except Exception:
-        return None
-
-
-def clear_resume_state(out_dir: str | Path) -> None:
-    """After a run is complete AND logged: nothing left to resume, so a rerun starts afresh."""
-    for name in (CHECKPOINT_FILE, RUN_ID_FILE):
-        (Path(out_dir) / name).unlink(missing_ok=True)
-
-
-def fit(cfg: FitConfig, out_dir: str | Path, *, model: nn.Module | None = None,
-        permutation: str | list[torch.Tensor] | None = None, splits: Any = None, tracker: Any = None,
-        cleanup: bool = True) -> dict[str, Any]:
-    """Fit (or resume) a NeRN into `out_dir`; returns the metrics also written to metrics.json."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    setup = prepare(cfg, model=model, permutation=permutation, splits=splits)
-    remove_stale_temporaries(out_dir, [CHECKPOINT_FILE, PREDICTOR_FILE, METRICS_FILE, CURVES_FILE, "curves.png"])
-    fitter = Fitter(cfg, setup, Path(out_dir), tracker, cleanup=cleanup)
-    if tracker is not None:
-        fitter.run_id = getattr(tracker, "run_id", None)
-    return fitter.run()
-
-
-__all__ = ["fit", "Fitter", "prepare", "load_predictor", "decode_weights", "save_predictor", "ConvLayer"]
+__all__ = ["fit", "Fitter", "prepare", "load_predictor", "decode_weights", "save_predictor", "clear_resume_state",
+           "ConvLayer", "CHECKPOINT_FILE", "DEPARTURES", "departures"]

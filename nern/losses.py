@@ -1,4 +1,9 @@
-"""NeRN's objective (METHOD.md 4): L = l_rec * L_rec + l_kd * L_KD + l_fmd * L_FMD. No task loss, no labels."""
+"""The three terms of NeRN's objective (METHOD.md 4); nern/objective.py weighs and adds them.
+
+`fmd_loss_reference` is L_FMD written as the paper states it; `fmd_loss` is the same value computed with fused
+per-sample reductions and a hand-written backward (the feature maps are an iteration's largest tensors), and
+is what training uses. tests/test_losses.py holds the two to the same value and gradient.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     teacher_logp = F.log_softmax(teacher_logits / temperature, dim=1)
     student_logp = torch.log(F.softmax(student_logits / temperature, dim=1) + KD_EPS)
     return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(dim=1).mean()
+
+
+def fmd_loss_reference(student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor]) -> torch.Tensor:
+    """L_FMD as the paper writes it: each sample's whole CxHxW map divided by (its L2 norm + 1e-3), squared
+    differences summed over all maps and samples, divided by the batch size. The teacher maps are constants."""
+    total = 0
+    for s, t in zip(student_maps, teacher_maps, strict=True):
+        s, t = s.flatten(1), t.detach().flatten(1)
+        s = s / (torch.linalg.vector_norm(s, dim=1, keepdim=True) + FMD_EPS)
+        t = t / (torch.linalg.vector_norm(t, dim=1, keepdim=True) + FMD_EPS)
+        total = total + ((s - t) ** 2).sum()
+    return total / teacher_maps[0].shape[0]
 
 
 def _distance(ns: torch.Tensor, nt: torch.Tensor, st: torch.Tensor, eps_s: torch.Tensor | float,
@@ -67,7 +84,7 @@ def _scaled_sq_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def fmd_loss(student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor]) -> torch.Tensor:
-    """Sum over maps of squared differences of per-sample unit-normalised maps, divided by batch size.
+    """L_FMD (the value of `fmd_loss_reference`), as training computes it.
 
     The teacher maps are constants (no gradient flows to the original network). The common case uses fused
     reductions (a third of the memory passes of normalising and subtracting); only when some map's norm

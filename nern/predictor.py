@@ -6,7 +6,6 @@ normalisation, no output activation. With L = 40 and depth 5 it has 3h^2 + 253h 
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
@@ -36,11 +35,3 @@ def predictor_params(in_dim: int, hidden: int, depth: int = 5, kernel_size: int 
     """Closed form of the parameter count (checked against the module in the tests)."""
     out = kernel_size * kernel_size
     return (in_dim + 1) * hidden + (depth - 2) * (hidden + 1) * hidden + (hidden + 1) * out
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def predictor_state(predictor: Predictor) -> dict[str, torch.Tensor]:
-    return {f"predictor.{k}": v for k, v in predictor.state_dict().items()}

@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from nern.embedding import positional_embedding
+from nern.feature_maps import FeatureMapRecorder, map_graph
 from nern.layers import ConvLayer
 
 
@@ -117,6 +118,41 @@ def run_reconstructed(model: nn.Module, rep: Representation, weights: list[torch
                       x: torch.Tensor) -> torch.Tensor:
     """The original module with its represented conv weights replaced; everything else verbatim."""
     return functional_call(model, weight_overrides(rep, weights), (x,), strict=False)
+
+
+class NetworkPair:
+    """The original network (teacher) and its reconstruction (student), each returning (logits, feature maps).
+
+    fused=True asks for one torch.fx graph of the module that returns its maps as well, so torch.compile can
+    fuse the whole forward with normalisation, activation and the losses; without it, or when the module cannot
+    be traced, forward hooks on the module record the maps (`close()` removes them: the module is the user's).
+    """
+
+    def __init__(self, model: nn.Module, rep: Representation, fused: bool = False):
+        self.model, self.rep = model, rep
+        self.graph = map_graph(model) if fused else None
+        self.recorder = FeatureMapRecorder(model) if self.graph is None else None
+        self.teacher = self._hooked_teacher if self.graph is None else torch.compile(self.graph)
+
+    @property
+    def fused(self) -> bool:
+        return self.graph is not None
+
+    def _hooked_teacher(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with self.recorder.record() as maps:
+            return self.model(x), list(maps)
+
+    def student(self, weights: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.graph is not None:
+            logits, maps = run_reconstructed(self.graph, self.rep, weights, x)
+            return logits, list(maps)
+        with self.recorder.record() as maps:
+            return run_reconstructed(self.model, self.rep, weights, x), list(maps)
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
 
 
 def reconstructed_model(model: nn.Module, rep: Representation, weights: list[torch.Tensor]) -> nn.Module:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import math
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,7 +88,8 @@ def test_fit_improves_reconstruction_and_writes_outputs(fashion_mnist_root, tmp_
     fitter = Fitter(cfg, setup, tmp_path)
     first = fitter.step()["rec"]
     metrics = fitter.run()
-    assert fitter.curves[-1]["rec"] < first
+    with open(tmp_path / "curves.csv") as fh:
+        assert float(list(csv.DictReader(fh))[-1]["rec"]) < first
     for name in ("predictor.safetensors", "metrics.json", "curves.csv"):
         assert (tmp_path / name).is_file()
     for key in ("original_top1", "reconstructed_top1", "predictor_params", "represented_params", "size_ratio",
@@ -104,7 +107,7 @@ def test_resume_from_checkpoint_is_exact(fashion_mnist_root, tmp_path):
     partial.original_acc = partial.evaluate_original()
     for _ in range(8):
         partial.step()
-    partial.save()
+    partial.training_loop().save()
     for _ in range(2):  # work after the checkpoint that the kill loses
         partial.step()
     resumed = Fitter(cfg, prepare(cfg), tmp_path / "resumed").run()
@@ -123,7 +126,7 @@ def test_checkpoint_of_other_config_is_refused(fashion_mnist_root, tmp_path):
     cfg = tiny_fit(fashion_mnist_root, iterations=4)
     interrupted = Fitter(cfg, prepare(cfg), tmp_path)
     interrupted.step()
-    interrupted.save()  # killed after its first checkpoint
+    interrupted.training_loop().save()  # killed after its first checkpoint
     with pytest.raises(NernError, match="another config"):
         fit(tiny_fit(fashion_mnist_root, iterations=4, predictor={"hidden": 32}), tmp_path)
 
@@ -232,7 +235,7 @@ def test_compiled_iteration_computes_the_same_losses_and_gradients_as_eager(fash
     eager = Fitter(cfg, setup, fashion_mnist_root / "unused")
     eager.close()  # no hooks left on the shared model: the compiled graph must find its maps on its own
     compiled = Fitter(replace(cfg, compile=True), setup, fashion_mnist_root / "unused")
-    assert compiled._recorder is None  # the fused path, not the hook fallback
+    assert compiled.networks.fused  # the fused path, not the hook fallback
     eager = Fitter(cfg, setup, fashion_mnist_root / "unused")
     for _ in range(2):
         a, b = eager.step(), compiled.step()
@@ -250,3 +253,30 @@ def test_compile_without_a_cxx_compiler_is_a_user_error(fashion_mnist_root, monk
     cfg = tiny_fit(fashion_mnist_root, compile=True)
     with pytest.raises(NernError, match="C\\+\\+ compiler"):
         Fitter(cfg, prepare(cfg), fashion_mnist_root / "unused")
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_fit_removes_its_hooks_from_the_users_model_when_it_returns_and_when_it_raises(fashion_mnist_root, tmp_path):
+    model = UserCNN(in_channels=1)
+    cfg = tiny_fit(fashion_mnist_root, iterations=2, eval_every=0, loss={"kd": 1.0, "fmd": 1.0})
+    fit(cfg, tmp_path / "ok", model=model)
+    assert _hooks(model) == 0
+    with torch.no_grad():
+        model.features[3].weight[0, 0, 0, 0] = float("nan")  # a represented layer: the first loss is NaN
+    with pytest.raises(NernError, match="(?i)nan"):
+        fit(cfg, tmp_path / "nan", model=model)
+    assert _hooks(model) == 0
+
+
+def test_the_paper_preset_departs_from_nothing_and_the_fast_preset_lists_its_switches():
+    from nern.fit import DEPARTURES, departures
+
+    root = Path(__file__).resolve().parents[1] / "config" / "presets"
+    assert departures(load_config(FitConfig, root / "paper.yaml")) == {}
+    fast = departures(load_config(FitConfig, root / "fast.yaml"))
+    assert fast == {"rec_only_iterations": 2000, "loss.rec_space": "normalized", "predictor.normalize_targets": True,
+                    "predictor.init": "variance", "sampling.method": "all", "optim.clip_grad_norm": 10.0}
+    assert all(d.why for d in DEPARTURES)

@@ -63,3 +63,60 @@ def test_fmd_fast_path_and_overflow_safe_path_agree_in_value_and_gradient():
         grads.append((value.detach(), s.grad))
     assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-5)
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
+
+
+def _value_and_grad(loss_fn, student: list[torch.Tensor], teacher: list[torch.Tensor]):
+    leaves = [s.detach().clone().requires_grad_() for s in student]
+    value = loss_fn(leaves, teacher)
+    value.backward()
+    return value.detach(), [leaf.grad for leaf in leaves]
+
+
+def test_fused_fmd_equals_the_papers_fmd_in_value_and_gradient():
+    """The fused, custom-backward FMD that training uses is the paper's formula (fmd_loss_reference): several
+    maps of different shapes, one a scaled copy of its teacher."""
+    from nern.losses import fmd_loss_reference
+
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 8, 2, 2, generator=g), torch.randn(4, 16, generator=g)]
+    student = [torch.randn(4, 3, 5, 5, generator=g), 3.0 * teacher[1] + 0.01 * torch.randn(4, 8, 2, 2, generator=g),
+               torch.randn(4, 16, generator=g)]
+    fused, fused_grads = _value_and_grad(fmd_loss, student, teacher)
+    paper, paper_grads = _value_and_grad(fmd_loss_reference, student, teacher)
+    assert float(paper) > 0.1
+    assert torch.allclose(fused, paper, rtol=1e-5)
+    for a, b in zip(fused_grads, paper_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_fmd_overflow_fallback_equals_the_papers_fmd_in_value_and_gradient():
+    """Exploding activations (1e25: squares overflow float32) take the max-abs-scaled fallback; it must still
+    be the paper's formula, which float64 can evaluate directly."""
+    from nern.losses import _fused_sq_distance, fmd_loss_reference
+
+    g = torch.Generator().manual_seed(1)
+    teacher = [torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 5, 3, 3, generator=g)]
+    student = [1e25 * torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 5, 3, 3, generator=g)]
+    assert not torch.isfinite(_fused_sq_distance(student[0].flatten(1), teacher[0].flatten(1)))  # the fallback runs
+    fused, fused_grads = _value_and_grad(fmd_loss, student, teacher)
+    paper, paper_grads = _value_and_grad(fmd_loss_reference, [s.double() for s in student],
+                                         [t.double() for t in teacher])
+    assert torch.isfinite(fused) and torch.allclose(fused.double(), paper, rtol=1e-5)
+    for a, b in zip(fused_grads, paper_grads):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+
+
+def test_objective_weighs_the_three_terms_and_skips_distillation_when_its_weights_are_zero():
+    from nern.objective import LossWeights, distillation_terms, nern_objective
+
+    rec, kd, fmd = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(5.0)
+    assert float(nern_objective(LossWeights(1.0, 0.5, 0.25), rec, kd, fmd)) == 2.0 + 1.5 + 1.25
+    assert float(nern_objective(LossWeights(1.0, 0.0, 0.0), rec, kd, fmd)) == 2.0
+    g = torch.Generator().manual_seed(0)
+    s_logits, t_logits = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    s_maps, t_maps = [torch.randn(4, 3, 2, 2, generator=g)], [torch.randn(4, 3, 2, 2, generator=g)]
+    kd, fmd = distillation_terms(s_logits, s_maps, t_logits, t_maps, 1.0, True, True)
+    assert float(kd) == float(kd_loss(s_logits, t_logits)) and float(fmd) == float(fmd_loss(s_maps, t_maps))
+    kd, fmd = distillation_terms(s_logits, s_maps, t_logits, t_maps, 1.0, False, True)
+    assert float(kd) == 0.0 and float(fmd) > 0

@@ -1,17 +1,18 @@
 import pytest
 import torch
 
-from nern.predictor import Predictor, count_params, predictor_params
+from nern.models import count_parameters
+from nern.predictor import Predictor, predictor_params
 
 
 @pytest.mark.parametrize("h", [140, 160, 180, 200])
 def test_parameter_count_formula(h):
     p = Predictor(240, h, depth=5)
-    assert count_params(p) == predictor_params(240, h, 5) == 3 * h * h + 253 * h + 9
+    assert count_parameters(p) == predictor_params(240, h, 5) == 3 * h * h + 253 * h + 9
 
 
 def test_h180_matches_paper():
-    assert count_params(Predictor(240, 180)) == 142_749
+    assert count_parameters(Predictor(240, 180)) == 142_749
 
 
 def test_shape_and_no_output_activation():

@@ -1,0 +1,78 @@
+"""Training the original network through the shared loop: a run killed between two checkpoints and rerun ends
+bit for bit like an uninterrupted one, and its tracker receives every point exactly once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nern.artifacts import load_tensors
+from nern.config import PretrainConfig, load_config
+from nern.pretrain import Pretraining, pretrain
+
+from helpers import fashion_mnist_root  # noqa: F401 (fixture)
+
+TIMING = {"wall_seconds", "seconds_per_iteration"}
+
+
+class Killed(Exception):
+    """Stands for SIGKILL: nothing after it is saved or logged."""
+
+
+class Recorder:
+    run_id = "test"
+
+    def __init__(self) -> None:
+        self.points: list[tuple[str, int, float]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.points += [(name, step, value) for name, value in metrics.items()]
+
+
+def tiny_pretrain(root) -> PretrainConfig:
+    data = {"name": "fashion_mnist", "root": str(root), "batch_size": 64, "val_size": 500, "eval_limit": 300,
+            "eval_batch_size": 300, "download": False}
+    # 930 batches per epoch: 28 iterations, evaluated every 9, checkpoints at 8, 16, 24
+    return load_config(PretrainConfig, base={"data": data, "model": {"arch": "resnet8", "in_channels": 1},
+                                             "epochs": 0.03, "eval_every_epochs": 0.01, "checkpoint_every": 8,
+                                             "milestones": [0.02], "smoothness": 1e-3, "progress": False})
+
+
+def test_pretrain_killed_between_checkpoints_resumes_exactly_and_logs_each_point_once(fashion_mnist_root, tmp_path,
+                                                                                      monkeypatch):
+    cfg = tiny_pretrain(fashion_mnist_root)
+    straight = Recorder()
+    expected = pretrain(cfg, tmp_path / "straight", tracker=straight)
+    assert expected["iterations"] == 28
+
+    real_step = Pretraining.step
+
+    def dies_at_20(self):
+        if self.iteration == 20:
+            raise Killed
+        return real_step(self)
+
+    monkeypatch.setattr(Pretraining, "step", dies_at_20)
+    first = Recorder()
+    with pytest.raises(Killed):
+        pretrain(cfg, tmp_path / "resumed", tracker=first)
+    # rows at 9 (evaluated) and 10 reached the tracker with the checkpoint at 16; 18 and 20 died with the process
+    assert {step for _, step, _ in first.points} == {9, 10}
+    monkeypatch.undo()
+    second = Recorder()
+    got = pretrain(cfg, tmp_path / "resumed", tracker=second)
+
+    strip = lambda m: {k: v for k, v in m.items() if k not in TIMING}  # noqa: E731
+    assert strip(got) == strip(expected)
+    a, _ = load_tensors(tmp_path / "straight" / "model.safetensors")
+    b, _ = load_tensors(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # BatchNorm statistics included
+    assert (tmp_path / "straight" / "curves.csv").read_text() == (tmp_path / "resumed" / "curves.csv").read_text()
+    logged = first.points + second.points
+    assert len(logged) == len({(name, step) for name, step, _ in logged}), "a replayed point was logged twice"
+    assert sorted(logged, key=str) == sorted(straight.points, key=str)
+    assert {name for name, _, _ in logged} == {"epoch", "loss", "ce", "val_top1"}
+    assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["iterations"] == 28
