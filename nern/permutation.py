@@ -40,10 +40,13 @@ Chain methods (crossfilter):
   takes the full distance matrix). Near-optimal, so it is the ceiling bench/permute.py measures the others
   against; about a minute per 4096-kernel layer, for 0.4-0.6% more mean cosine than `fast` (below).
 
-Measured by bench/permute.py on the 2-core development CPU, shared with other jobs (load 2.5-7.5), one
-thread: one 512x512x3x3 layer of Gaussian weights (262,144 kernels): fast 19 s, mean cosine 0.9584; exact
-greedy 290 s, 0.9563. ResNet56's 55 convs (94,256 kernels): fast 4.1 s, 0.8971; greedy 3.6 s, 0.8896; fast
-better on 55/55 layers. The 16 block-conv shapes of ResNet18 (Gaussian weights), auto: 163 s.
+Measured by `bench/permute.py --before 4d5c60b --baseline-limit-seconds 120 --skip-resnet18` on the 2-core
+development CPU shared with other jobs (load 5-11), one thread. One 512x512x3x3 layer of Gaussian weights
+(262,144 kernels): fast 27 s, mean cosine 0.95839 (with the hand-written k-means of 4d5c60b: 32 s, 0.95838;
+faster of two alternated runs); exact greedy ~170 s extrapolated (290 s, 0.9563 when run to the end on a
+quieter day). ResNet20 / ResNet56 (19 / 55 convs): fast 0.8929 / 0.8971, greedy 0.8855 / 0.8896, fast better
+on every layer; on one layer of each shape, LKH 0.9176 / 0.9276 against fast 0.9123 / 0.9225 and greedy
+0.9053 / 0.9160. On a 64x64 Gaussian layer: LKH 0.8850, fast 0.8807, greedy 0.8726.
 """
 
 from __future__ import annotations
