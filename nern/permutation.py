@@ -23,24 +23,30 @@ Chain methods (crossfilter):
 - `fast`: a better chain in near-linear time, for the large layers where the exact greedy takes many
   minutes (an hour per 512x512 layer in the reference code). It
   1. finds 8 nearest neighbour candidates of every kernel (exact by blocked matmul up to 8192 kernels;
-     above, spherical k-means cells of ~256 kernels, each kernel searched in its 8 closest cells, which
-     finds about 90% of the true neighbours),
+     above, faiss's inverted-file index: spherical k-means cells of ~256 kernels, each kernel searched in
+     its 8 closest cells, which finds about 91% of the true neighbours),
   2. builds the chain by greedy edge matching: take candidate edges from the best similarity down, keep an
      edge when both ends still have fewer than two chain neighbours and it closes no cycle; the path
      fragments left over are joined the same way through the nearest neighbours of their end points,
   3. polishes it with 2-opt and Or-opt moves over the neighbour lists, accepting only strict gains.
   Edge matching avoids the long jumps the nearest-neighbour walk makes whenever it has painted itself into
   a corner, so the chain's mean cosine is higher than the exact greedy's, not merely close to it.
-  All steps are deterministic (k-means draws its start from a seeded generator).
+  All steps are deterministic (faiss's k-means draws its sample from `seed`).
 - `auto`: for layers up to `AUTO_EXACT_MAX` kernels runs both and keeps the chain of higher quality (ties
   go to the paper's greedy): both take at most a couple of seconds there, and the result is then never
   worse than the paper's by construction. Larger layers use `fast` only, where the exact greedy takes
   minutes. (`fast` alone was as fast or faster and better on every layer measured, from 256 kernels up.)
+- `lkh`: LKH-3 through the elkai package, 10 CPU seconds of search per layer, up to LKH_MAX kernels (it
+  takes the full distance matrix). Near-optimal, so it is the ceiling bench/permute.py measures the others
+  against; about a minute per 4096-kernel layer, for 0.4-0.6% more mean cosine than `fast` (below).
 
-Measured by bench/permute.py on the 2-core development CPU, shared with other jobs (load 2.5-7.5), one
-thread: one 512x512x3x3 layer of Gaussian weights (262,144 kernels): fast 19 s, mean cosine 0.9584; exact
-greedy 290 s, 0.9563. ResNet56's 55 convs (94,256 kernels): fast 4.1 s, 0.8971; greedy 3.6 s, 0.8896; fast
-better on 55/55 layers. The 16 block-conv shapes of ResNet18 (Gaussian weights), auto: 163 s.
+Measured by `bench/permute.py --before 4d5c60b --baseline-limit-seconds 120 --skip-resnet18` on the 2-core
+development CPU shared with other jobs (load 5-11), one thread. One 512x512x3x3 layer of Gaussian weights
+(262,144 kernels): fast 27 s, mean cosine 0.95839 (with the hand-written k-means of 4d5c60b: 32 s, 0.95838;
+faster of two alternated runs); exact greedy ~170 s extrapolated (290 s, 0.9563 when run to the end on a
+quieter day). ResNet20 / ResNet56 (19 / 55 convs): fast 0.8929 / 0.8971, greedy 0.8855 / 0.8896, fast better
+on every layer; on one layer of each shape, LKH 0.9176 / 0.9276 against fast 0.9123 / 0.9225 and greedy
+0.9053 / 0.9160. On a 64x64 Gaussian layer: LKH 0.8850, fast 0.8807, greedy 0.8726.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -59,8 +65,8 @@ from nern.artifacts import load_tensors, save_tensors
 from nern.errors import NernError
 
 Mode = Literal["none", "infilter", "crossfilter"]
-MODES = ("none", "infilter", "crossfilter")
-METHODS = ("auto", "greedy", "fast")
+MODES: tuple[str, ...] = get_args(Mode)  # the one list of permutation modes; the CLI and configs take it from here
+METHODS = ("auto", "greedy", "fast", "lkh")
 
 AUTO_EXACT_MAX = 16384  # auto: up to this many kernels, run the exact greedy as well and keep the better
 EXACT_NEIGHBOURS_MAX = 8192  # fast: up to this many kernels, nearest neighbours by brute force
@@ -69,6 +75,9 @@ CELL_SIZE = 256  # fast: mean kernels per k-means cell
 PROBES = 8  # fast: cells searched per kernel
 TWO_OPT_ROUNDS = 2  # fast: refinement rounds; later rounds gain little for their time
 OR_OPT_ROUNDS = 1
+LKH_MAX = 8192  # lkh: the full distance matrix of more kernels takes gigabytes
+LKH_SCALE = 100_000  # lkh: integer distances resolve cosine to 1e-5
+LKH_TIME_LIMIT_S = 10.0  # lkh: search time per layer when chosen as a method
 _DEAD = -1.0e30  # similarity penalty of visited entries: below any real dot product
 _GAIN_EPS = 1e-6  # a refinement move must gain at least this much similarity
 
@@ -210,107 +219,37 @@ def _exact_neighbours(unit: Tensor, k: int, block: int = 2048) -> tuple[Tensor, 
     return idx, sim
 
 
-def _spherical_kmeans(unit: Tensor, cells: int, seed: int, iterations: int = 8, per_cell: int = 32) -> Tensor:
-    """Unit centroids of `cells` cells, fitted on a seeded subsample (assignment of all rows comes later)."""
-    gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(unit.shape[0], generator=gen)
-    sample = unit[pick[: max(cells, min(unit.shape[0], cells * per_cell))]]
-    centroids = sample[:cells].clone()
-    for _ in range(iterations):
-        assign = (sample @ centroids.t()).argmax(dim=1)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, sample)
-        norms = sums.norm(dim=1, keepdim=True)
-        centroids = torch.where(norms > 0, sums / norms.clamp_min(1e-30), centroids)  # empty cell: keep
-    return centroids
-
-
-def _closest_cells(unit: Tensor, centroids: Tensor, probes: int, block: int = 32768) -> Tensor:
-    """Per row, the `probes` cells whose centroid is most similar (the first one is the row's own cell)."""
-    out = torch.empty(unit.shape[0], probes, dtype=torch.long)
-    for lo in range(0, unit.shape[0], block):
-        out[lo:lo + block] = (unit[lo:lo + block] @ centroids.t()).topk(probes, dim=1).indices
-    return out
-
-
-def _grouped(keys: Tensor, groups: int) -> tuple[Tensor, list[int], list[int]]:
-    """Indices sorted by key (stable) with each group's start and size, to slice group g's members."""
-    order = torch.argsort(keys, stable=True)
-    sizes = torch.bincount(keys, minlength=groups)
-    starts = torch.cumsum(sizes, 0) - sizes
-    return order, starts.tolist(), sizes.tolist()
-
-
-def _row_blocks(rows: int, cols: int, budget: int = 1 << 22) -> Iterator[tuple[int, int]]:
-    """Row ranges whose [rows, cols] similarity block stays within `budget` entries (lopsided cells)."""
-    step = max(1, budget // max(1, cols))
-    for lo in range(0, rows, step):
-        yield lo, min(rows, lo + step)
-
-
 def _approximate_neighbours(unit: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
-    """About k nearest neighbours per row, searched in the row's PROBES closest k-means cells.
+    """About k nearest neighbours per row by faiss's inverted-file index (large sets).
 
-    First the exact top k inside the row's own cell, whose k-th similarity becomes the row's bar; in the
-    other probed cells only entries above that bar are kept (few), and one sort merges everything. One
-    top-k per row rather than per (row, cell) pair: torch's top-k costs microseconds per row, whatever its
-    length, and that would dominate.
+    Spherical k-means cells of ~CELL_SIZE rows (fitted on a seeded subsample), each row searched in its
+    PROBES closest cells: about 91% of the true 8 neighbours on Gaussian kernels, the refinement's lists need
+    no more. (scipy's cKDTree gives exact lists but is 15x slower in 9-D; faiss's HNSW is 3x slower.)
     """
-    n = unit.shape[0]
+    import faiss
+
+    n, dim = unit.shape
+    data = unit.contiguous().numpy()
     cells = max(1, n // CELL_SIZE)
-    probes = min(PROBES, cells)
-    probe = _closest_cells(unit, _spherical_kmeans(unit, cells, seed), probes)
-    members, member_start, member_size = _grouped(probe[:, 0], cells)
-    bar = torch.full((n,), -torch.inf)
-    found: list[tuple[Tensor, Tensor, Tensor]] = []
-    for cell in range(cells):
-        size = member_size[cell]
-        kk = min(k, size - 1)
-        if kk < 1:
-            continue
-        inside = members[member_start[cell]:member_start[cell] + size]
-        for lo, hi in _row_blocks(size, size):
-            sims = unit[inside[lo:hi]] @ unit[inside].t()
-            sims[torch.arange(hi - lo), torch.arange(lo, hi)] = -torch.inf
-            sim, pick = sims.topk(kk, dim=1)
-            found.append((inside[lo:hi].repeat_interleave(kk), inside[pick.reshape(-1)], sim.reshape(-1)))
-            if kk == k:
-                bar[inside[lo:hi]] = sim[:, -1]
-    if probes > 1:
-        queries, query_start, query_size = _grouped(probe[:, 1:].reshape(-1), cells)
-        for cell in range(cells):
-            size, count = member_size[cell], query_size[cell]
-            if size == 0 or count == 0:
-                continue
-            inside = members[member_start[cell]:member_start[cell] + size]
-            rows_all = queries[query_start[cell]:query_start[cell] + count] // (probes - 1)
-            for lo, hi in _row_blocks(count, size):
-                rows = rows_all[lo:hi]
-                sims = unit[rows] @ unit[inside].t()
-                r, c = (sims > bar[rows].unsqueeze(1)).nonzero(as_tuple=True)
-                found.append((rows[r], inside[c], sims[r, c]))
-    return _top_per_row(n, k, *(torch.cat(parts) for parts in zip(*found)))
-
-
-def _descending_key(sim: Tensor) -> Tensor:
-    """int64 in [0, 2^32) that sorts ascending as float32 `sim` sorts descending (exact, no rounding)."""
-    bits = sim.float().view(torch.int32).long()
-    ascending = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
-    return (1 << 32) - 1 - ascending
-
-
-def _top_per_row(n: int, k: int, row: Tensor, col: Tensor, sim: Tensor) -> tuple[Tensor, Tensor]:
-    """The k best (col, sim) entries of every row from a flat list; short rows padded with self, -inf."""
-    order = torch.argsort((row << 32) | _descending_key(sim), stable=True)  # by row, then best first
-    row, col, sim = row[order], col[order], sim[order]
-    sizes = torch.bincount(row, minlength=n)
-    rank = torch.arange(row.numel()) - (torch.cumsum(sizes, 0) - sizes)[row]
-    keep = (rank < k).nonzero().squeeze(1)
-    row, rank = row[keep], rank[keep]
-    idx = torch.arange(n).unsqueeze(1).repeat(1, k)
-    best = torch.full((n, k), -torch.inf)
-    idx[row, rank] = col[keep]
-    best[row, rank] = sim[keep]
-    return idx, best
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, cells, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter, index.cp.seed, index.cp.spherical = 8, seed, True
+    index.cp.max_points_per_centroid = 64
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    try:
+        index.train(data)
+        index.add(data)
+        index.nprobe = min(PROBES, cells)
+        sim, idx = (torch.from_numpy(a) for a in index.search(data, k + 1))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    rows = torch.arange(n).unsqueeze(1)
+    missing = (idx == rows) | (idx < 0)  # the row itself, or fewer than k + 1 found in the probed cells
+    sim = sim.masked_fill(missing, -torch.inf)
+    best = torch.argsort(sim, dim=1, descending=True, stable=True)[:, :k]
+    sim, idx = sim.gather(1, best), idx.long().gather(1, best)
+    return torch.where(sim > -torch.inf, idx, rows), sim
 
 
 def _neighbours(unit: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -589,6 +528,43 @@ def fast_chain(vectors: Tensor, seed: int = 0, neighbours: int = NEIGHBOURS,
     return torch.cat([live[order], zero])  # zero kernels (cosine 0 to all) cost least as one block at the end
 
 
+# ---------------------------------------------------------------------------------------- lkh: reference
+
+
+def _lkh_problem(unit: Tensor) -> str:
+    """TSPLIB text of the chain as a tour: distances round(LKH_SCALE * (1 - cos)), plus one node at distance
+    0 to all, whose two tour edges become the open chain's free ends. elkai reads FULL_MATRIX only."""
+    n = unit.shape[0]
+    dist = torch.zeros(n + 1, n + 1, dtype=torch.long)
+    dist[:n, :n] = torch.round((1 - unit.double() @ unit.double().t()) * LKH_SCALE).long()
+    dist.fill_diagonal_(0)
+    rows = "\n".join(" ".join(map(str, row)) for row in dist.tolist())
+    return (f"TYPE : TSP\nDIMENSION : {n + 1}\nEDGE_WEIGHT_TYPE : EXPLICIT\nEDGE_WEIGHT_FORMAT : FULL_MATRIX\n"
+            f"EDGE_WEIGHT_SECTION\n{rows}\nEOF\n")
+
+
+def lkh_chain(vectors: Tensor, time_limit_s: float = 10.0, seed: int = 0) -> Tensor:
+    """A near-optimal chain by LKH-3 (the elkai package), the ceiling the other methods are measured against.
+
+    Needs the full N^2 distance matrix, so it refuses more than LKH_MAX vectors. `time_limit_s` bounds LKH's
+    search in CPU seconds (wall time on a loaded machine is longer); building the matrix and LKH's
+    candidate-set ascent (O(N^2) per step) come on top.
+    """
+    from elkai import _elkai
+
+    n = vectors.shape[0]
+    if n > LKH_MAX:
+        raise NernError(f"method 'lkh' takes at most {LKH_MAX} kernels per layer (it needs the full distance "
+                        f"matrix), got {n}; use method 'fast' or 'auto' for this layer")
+    if n <= 2:
+        return torch.arange(n)
+    params = (f"PROBLEM_FILE = :stdin:\nRUNS = 1\nSEED = {seed + 1}\nTIME_LIMIT = {time_limit_s}\n"
+              "INITIAL_PERIOD = 100\nMAX_CANDIDATES = 5\n")
+    tour = [v - 1 for v in _elkai.solve_problem(params, _lkh_problem(_unit_rows(vectors)))]
+    cut = tour.index(n)
+    return torch.tensor(tour[cut + 1:] + tour[:cut], dtype=torch.long)
+
+
 # ------------------------------------------------------------------------------------ layer permutations
 
 
@@ -607,6 +583,8 @@ def crossfilter_chain(weight: Tensor, method: str = "auto", seed: int = 0) -> Te
     kernels = _kernels(weight)
     if method == "greedy":
         return greedy_chain(kernels)
+    if method == "lkh":
+        return lkh_chain(kernels, LKH_TIME_LIMIT_S, seed)
     fast = fast_chain(kernels, seed=seed)
     if method == "fast" or kernels.shape[0] > AUTO_EXACT_MAX:
         return fast

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -111,7 +112,7 @@ def test_infilter_matches_plain_reference_on_random_weights():
 @pytest.mark.parametrize("shape", [(16, 3, 3, 3), (1, 5, 3, 3), (7, 1, 3, 3), (32, 16, 1, 1), (24, 40, 3, 3)])
 def test_every_permutation_is_a_bijection(mode, shape):
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    for method in P.METHODS:
+    for method in (m for m in P.METHODS if m != "lkh"):  # lkh: tested on its own below (seconds per layer)
         position = P.layer_permutation(weight, mode, method)
         assert P.is_bijection(position, shape[0] * shape[1])
 
@@ -135,6 +136,45 @@ def test_routing_weights_through_a_permutation_and_back_is_bit_identical():
         slots[position] = kernels  # kernel i sits on grid slot position[i]
         back = slots[position].reshape_as(weight)  # and is read back from there
         assert torch.equal(F.conv2d(x, back, padding=1), F.conv2d(x, weight, padding=1))
+
+
+def test_approximate_neighbours_are_true_similarities_without_self_and_find_most_true_neighbours():
+    unit = P._unit_rows(torch.randn(12000, 9, generator=torch.Generator().manual_seed(11)))
+    unit[100:110] = unit[110:120]  # duplicates: the twin, not the row itself, must come first
+    idx, sim = P._approximate_neighbours(unit, 8, seed=0)
+    exact_idx, _ = P._exact_neighbours(unit, 8)
+    rows = torch.arange(unit.shape[0]).unsqueeze(1)
+    found = sim > -torch.inf
+    assert not (idx[found] == rows.expand_as(idx)[found]).any()
+    assert torch.allclose(sim[found], (unit[rows.expand_as(idx)] * unit[idx]).sum(-1)[found], atol=1e-5)
+    assert (sim[:, :-1] >= sim[:, 1:]).all()
+    assert torch.equal(idx[100:110, 0], torch.arange(110, 120))
+    recall = (idx.unsqueeze(2) == exact_idx.unsqueeze(1)).any(2).float().mean()
+    assert recall > 0.85  # about 0.91 on Gaussian kernels with 8 probes
+
+
+def test_lkh_chain_finds_the_best_chain_of_a_tiny_set():
+    vectors = torch.randn(7, 9, generator=torch.Generator().manual_seed(12))
+    chain = P.lkh_chain(vectors, time_limit_s=1.0)
+    best = max(P.chain_quality(vectors, torch.tensor(order)) for order in itertools.permutations(range(7)))
+    assert sorted(chain.tolist()) == list(range(7))
+    assert P.chain_quality(vectors, chain) == pytest.approx(best, abs=1e-4)  # distances rounded to 1e-5
+
+
+def test_lkh_chain_is_a_valid_chain_at_least_as_good_as_fast_and_greedy_on_a_small_layer():
+    kernels = _random_weight(16, 16, seed=13).reshape(256, 9)
+    kernels[5:9] = 0
+    chain = P.lkh_chain(kernels, time_limit_s=2.0)
+    assert sorted(chain.tolist()) == list(range(256))
+    lkh = P.chain_quality(kernels, chain)
+    assert lkh >= P.chain_quality(kernels, P.fast_chain(kernels))
+    assert lkh >= P.chain_quality(kernels, P.greedy_chain(kernels))
+    assert P.is_bijection(P.layer_permutation(kernels.reshape(16, 16, 3, 3), "crossfilter", "lkh"), 256)
+
+
+def test_lkh_refuses_layers_whose_distance_matrix_is_too_large():
+    with pytest.raises(NernError, match="lkh.*fast"):
+        P.lkh_chain(torch.zeros(P.LKH_MAX + 1, 9))
 
 
 # ---------------------------------------------------------------------------------- quality and speed
@@ -175,7 +215,7 @@ def test_unknown_mode_or_method_is_a_user_error_listing_the_choices():
     weight = _random_weight(4, 4)
     with pytest.raises(NernError, match="none, infilter, crossfilter"):
         P.layer_permutation(weight, "diagonal")
-    with pytest.raises(NernError, match="auto, greedy, fast"):
+    with pytest.raises(NernError, match=", ".join(P.METHODS)):
         P.layer_permutation(weight, "crossfilter", method="magic")
     with pytest.raises(NernError, match="none, infilter, crossfilter"):
         P.compute_permutations([weight], "diagonal", progress=False)
