@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fidelity import PRESETS, SHARED, machine  # noqa: E402
+from nern.config import PERMUTATIONS  # noqa: E402
 
 # network -> (public weights file under SHARED/pretrained, default predictor widths)
 NETWORKS: dict[str, tuple[str, list[int]]] = {
@@ -228,7 +229,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=50, help="distillation iterations between evaluations")
     p.add_argument("--max-minutes", type=float, default=60.0, help="give up on a fast fit after this wall time")
     p.add_argument("--tolerance", type=float, default=1.0, help="points below the original's validation top-1")
-    p.add_argument("--permutation", default="crossfilter", choices=["none", "infilter", "crossfilter"])
+    p.add_argument("--permutation", default="crossfilter", choices=PERMUTATIONS)
     p.add_argument("--val-size", type=int, default=5000, help="validation images carved from the train set")
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on this many val/test images (0: all)")
     p.add_argument("--threads", type=int, default=2)

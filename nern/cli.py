@@ -28,7 +28,7 @@ from typing import Any
 
 from nern import compress, importance, tables
 from nern.checkpoint import Preempted
-from nern.config import FitConfig, PretrainConfig, flatten, load_config, to_dict
+from nern.config import PERMUTATIONS, FitConfig, PretrainConfig, flatten, load_config, to_dict
 from nern.errors import NernError
 from nern.runs import add_stage_arguments, log_outputs, model_base, stage_run
 
@@ -183,7 +183,7 @@ def _add_permute(sub: Any) -> None:
     p = sub.add_parser("permute", help="compute coordinate permutations of the represented layers")
     add_stage_arguments(p, "output .safetensors file (a .json summary is written beside it)")
     p.add_argument("--model", required=True, help="model checkpoint (.safetensors from pretrain/import, or a .th file)")
-    p.add_argument("--mode", required=True, choices=["none", "infilter", "crossfilter"])
+    p.add_argument("--mode", required=True, choices=PERMUTATIONS)
     p.add_argument("--method", default="auto", help="chain search: auto, greedy (the paper's), or a fast method")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_permute)

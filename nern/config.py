@@ -25,7 +25,10 @@ SAMPLING_METHODS = (
     "random_layer",
     "random_weighted_batch",
 )
-PERMUTATIONS = ("none", "infilter", "crossfilter")
+PermutationMode = Literal["none", "infilter", "crossfilter"]
+# The one list of coordinate-permutation modes (METHOD.md 6): the CLI, the tables, the workflow and
+# nern.permutation take it from here (this module imports no torch, so the Snakefile can read it cheaply).
+PERMUTATIONS: tuple[str, ...] = get_args(PermutationMode)
 
 
 @dataclass

@@ -55,17 +55,18 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from nern.artifacts import load_tensors, save_tensors
+from nern.config import PERMUTATIONS, PermutationMode
 from nern.errors import NernError
 
-Mode = Literal["none", "infilter", "crossfilter"]
-MODES: tuple[str, ...] = get_args(Mode)  # the one list of permutation modes; the CLI and configs take it from here
+Mode = PermutationMode
+MODES: tuple[str, ...] = PERMUTATIONS  # defined once, in nern.config
 METHODS = ("auto", "greedy", "fast", "lkh")
 
 AUTO_EXACT_MAX = 16384  # auto: up to this many kernels, run the exact greedy as well and keep the better

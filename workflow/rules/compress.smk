@@ -5,7 +5,7 @@
 # The helpers below are shared with importance.smk (included after this file).
 
 # A fit directory below results/<preset>/<net>/: fit/..., data-free/... or ablation/<variant>/...
-FIT_POINT = r"(fit|data-free|ablation/[A-Za-z0-9][A-Za-z0-9_.+-]*)/[^/]+/(imported|reg[0-9.e+-]+)/(none|infilter|crossfilter)/h[0-9]+"
+FIT_POINT = r"(fit|data-free|ablation/[A-Za-z0-9][A-Za-z0-9_.+-]*)/[^/]+/(imported|reg[0-9.e+-]+)/(" + "|".join(PERMUTATIONS) + r")/h[0-9]+"
 
 
 def application_outputs(stage, files):
