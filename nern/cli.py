@@ -41,7 +41,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     cfg = load_config(PretrainConfig, args.config, args.set)
     out = Path(args.out)
-    with stage_run(args, "pretrain", flatten(to_dict(cfg)), pretrain.NON_RESULT_KEYS) as tracker:
+    with stage_run(args, "pretrain", flatten(to_dict(cfg)), pretrain.NON_RESULT_KEYS, data=cfg.data) as tracker:
         metrics = pretrain.pretrain(cfg, out, tracker=tracker, cleanup=False)
         _plot_curves(out)
         log_outputs(tracker, out, metrics, ["metrics.json", "curves.csv", "curves.png", "model.safetensors"])
@@ -59,7 +59,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     if not cfg.model.checkpoint:
         raise NernError("nern import needs model.checkpoint (a file or torchvision:<WEIGHTS>); pass --set model.checkpoint=...")
     out = Path(args.out)
-    with stage_run(args, "import", flatten(to_dict(cfg)), NON_RESULT_KEYS) as tracker:
+    with stage_run(args, "import", flatten(to_dict(cfg)), NON_RESULT_KEYS, data=cfg.data) as tracker:
         model = models.load_model(cfg.model)
         metrics = _imported_accuracy(model, cfg)
         model_cfg = {**to_dict(cfg.model), "checkpoint": None}
@@ -120,7 +120,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
     if args.permutation and not Path(args.permutation).is_file():
         raise NernError(f"permutation file not found: {args.permutation}; run `nern permute` first")
     out = Path(args.out)
-    with stage_run(args, "fit", flatten(to_dict(cfg)), NON_RESULT_KEYS) as tracker:
+    with stage_run(args, "fit", flatten(to_dict(cfg)), NON_RESULT_KEYS, data=cfg.data,
+                   data_free=cfg.data_free) as tracker:
         metrics = fit(cfg, out, permutation=args.permutation, tracker=tracker, cleanup=False)
         _plot_curves(out)
         log_outputs(tracker, out, metrics, ["metrics.json", "curves.csv", "curves.png", "predictor.safetensors"])

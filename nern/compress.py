@@ -470,7 +470,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     out = Path(args.out)
     options = {f"compress.{k}": v for k, v in dataclasses.asdict(opts).items()}
     params = {**flatten(to_dict(cfg)), **options, "predictor_file": args.predictor}
-    with stage_run(args, "compress", params, NON_RESULT_KEYS) as tracker:
+    with stage_run(args, "compress", params, NON_RESULT_KEYS, data=cfg.data) as tracker:
         rows, metrics = run_compress(model, predictor, rep, cfg, splits, out, opts)
         log_outputs(tracker, out, {k: v for k, v in metrics.items() if k != "frontier"},
                      [CSV_FILE, MD_FILE, FIGURE_FILE, METRICS_FILE])

@@ -378,6 +378,27 @@ def load_arrays(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor
                     "imagefolder or imagenet")
 
 
+def _dataset_folder(cfg: DataConfig) -> Path:
+    """The folder holding a data set's files, as the loaders above lay it out."""
+    root = Path(cfg.root).resolve()
+    folders = {"fashion_mnist": root / "FashionMNIST" / "raw", "mnist": root / "MNIST" / "raw",
+               "cifar10": root / "cifar-10-batches-py", "cifar100": root / "cifar-100-python"}
+    return folders.get(cfg.name, root)
+
+
+def dataset_identity(cfg: DataConfig) -> tuple[str, str, str]:
+    """(name, source, digest) of the task data, as MLflow records a dataset input. The digest hashes the
+    relative names and sizes of the data set's files (not their bytes: cheap on 60k images, and still changes
+    when a file is added, removed or re-encoded); our decode cache is left out."""
+    folder = _dataset_folder(cfg)
+    name = f"imagefolder:{folder.name}" if cfg.name == "imagefolder" else cfg.name
+    digest = hashlib.sha256(name.encode())
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and ".nern-cache" not in p.parts) if folder.is_dir() else []
+    for path in files:
+        digest.update(f"{path.relative_to(folder)}\0{path.stat().st_size}\n".encode())
+    return name, str(folder), digest.hexdigest()[:16]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Splits
 

@@ -421,7 +421,7 @@ def cmd_importance(args: argparse.Namespace) -> None:
     params = {**flatten(to_dict(cfg)), "importance.sparsities": args.sparsities, "importance.methods": args.methods,
               "importance.granularities": args.granularities, "importance.random_seeds": args.random_seeds,
               "predictor_file": args.predictor}
-    with stage_run(args, "importance", params, NON_RESULT_KEYS) as tracker:
+    with stage_run(args, "importance", params, NON_RESULT_KEYS, data=cfg.data) as tracker:
         rows, metrics = run_importance(model, rep, reconstructed, cfg, splits, out, opts)
         log_outputs(tracker, out, {k: v for k, v in metrics.items() if k != "layers"},
                      [CSV_FILE, MD_FILE, METRICS_FILE, PRUNING_FIGURE, OVERVIEW_FIGURE, KERNELS_FIGURE])

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from nern.config import FitConfig, load_config
+from nern.config import DataConfig, FitConfig, load_config
 from nern.errors import NernError
 from nern.predictor import Predictor
 from nern.reconstruct import Representation
 from nern.tracking import Tracker, config_digest
 
 DEFAULT_EXPERIMENT = "nern"
+# Set by the pipeline for every job it starts (environment, not arguments: they do not change results, so
+# they must not change a job's command line and rerun it).
+PARENT_ENV = "NERN_MLFLOW_PARENT"
+SYSTEM_METRICS_ENV = "NERN_MLFLOW_SYSTEM_METRICS"
 
 
 # -- arguments ---------------------------------------------------------------------------------------------
@@ -46,6 +51,11 @@ def add_stage_arguments(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
     p.add_argument("--run-name", help="MLflow run name")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="MLflow tag (repeatable)")
+    p.add_argument("--parent-run", default=os.environ.get(PARENT_ENV) or None, metavar="NAME",
+                   help=f"group this run under the MLflow parent run NAME (default: ${PARENT_ENV}; the pipeline "
+                        "sets it to its preset)")
+    p.add_argument("--system-metrics", action="store_true", default=os.environ.get(SYSTEM_METRICS_ENV) == "1",
+                   help=f"log CPU/memory/disk usage into the run every 10 s (default: ${SYSTEM_METRICS_ENV}=1)")
 
 
 def parse_tags(items: list[str]) -> dict[str, str]:
@@ -82,13 +92,16 @@ def stage_tracker(args: argparse.Namespace, stage: str, digest: str | None = Non
     name = args.run_name or f"{stage}:{Path(args.out).name if args.out else ''}"
     tags = {"nern.stage": stage, **parse_tags(args.tag)}
     resume_key = str(Path(args.out).resolve()) if args.out else None
-    return Tracker(args.mlflow_uri, args.experiment, name, tags, resume_key=resume_key, digest=digest)
+    return Tracker(args.mlflow_uri, args.experiment, name, tags, resume_key=resume_key, digest=digest,
+                   parent=getattr(args, "parent_run", None), system_metrics=getattr(args, "system_metrics", False))
 
 
 @contextlib.contextmanager
 def stage_run(args: argparse.Namespace, stage: str, params: Mapping[str, Any],
-              non_result_keys: tuple[str, ...] = ()) -> Iterator[Tracker]:
-    """Start (or reopen) the job's run and log its params; the run ends with the block (FINISHED on success).
+              non_result_keys: tuple[str, ...] = (), data: DataConfig | None = None,
+              data_free: bool = False) -> Iterator[Tracker]:
+    """Start (or reopen) the job's run, log its params and the data set it reads; the run ends with the block
+    (FINISHED on success).
 
     A reopened run keeps the values it logged first for the keys that do not affect results (MLflow refuses
     to change a logged param), so only the others are logged again.
@@ -96,7 +109,21 @@ def stage_run(args: argparse.Namespace, stage: str, params: Mapping[str, Any],
     results = result_params(params, non_result_keys)
     with stage_tracker(args, stage, config_digest(results)) as tracker:
         tracker.log_params(results if tracker.resumed else params)
+        if data is not None and tracker.enabled:
+            log_data(tracker, stage, data, data_free, params.get("seed"))
         yield tracker
+
+
+def log_data(tracker: Tracker, stage: str, data: DataConfig, data_free: bool, seed: Any = None) -> None:
+    """The task data as an MLflow dataset input: training data for the stages that train on it, evaluation
+    data otherwise (a data-free fit trains on noise and only evaluates on the task data)."""
+    from nern.data import dataset_identity
+
+    name, source, digest = dataset_identity(data)
+    trains = stage in ("pretrain", "fit") and not data_free
+    tracker.log_dataset(name, source, digest, "training" if trains else "evaluation")
+    if stage == "fit" and data_free:
+        tracker.log_dataset("noise:uniform[-2,2]", "generated", f"seed{seed}", "training")
 
 
 def log_outputs(tracker: Tracker, out: Path, metrics: Mapping[str, Any], files: list[str]) -> None:

@@ -15,6 +15,11 @@ to the same SQLite file at once, so:
   `OperationalError`, `TEMPORARILY_UNAVAILABLE`) with exponential backoff and jitter for up to 120 s;
 - two processes creating the same experiment race; the loser re-fetches it by name.
 
+Runs are grouped: a job given a parent name (the pipeline passes its preset) becomes a child run
+(`mlflow.parentRunId`) of the one run tagged `nern.parent=<name>`, created by the first job that needs it, so
+the MLflow UI shows one expandable row per preset. Each job logs the data set it read as an MLflow dataset
+input (name, source, digest), and can log system metrics (CPU, memory) while it runs.
+
 MLflow is imported lazily: `import nern` must stay fast and work without it when tracking is off.
 """
 
@@ -204,6 +209,7 @@ def _slug(name: str) -> str:
 
 RESUME_TAG = "nern.out"  # the job's key: its output directory
 CONFIG_TAG = "nern.config"  # digest of the job's result-affecting config
+PARENT_TAG = "nern.parent"  # the name of a parent run (a preset); its children carry mlflow.parentRunId
 
 
 def config_digest(params: Mapping[str, Any]) -> str:
@@ -232,6 +238,8 @@ class Tracker:
         results_dir: str | os.PathLike = "results",
         resume_key: str | None = None,
         digest: str | None = None,
+        parent: str | None = None,
+        system_metrics: bool = False,
     ) -> None:
         self.uri = default_tracking_uri(uri, results_dir) if enabled else DISABLED
         self.enabled = enabled and self.uri != DISABLED
@@ -242,9 +250,11 @@ class Tracker:
         self.resumed = run_id is not None
         self.resume_key, self.digest = resume_key, digest
         self.tags.update({tag: value for tag, value in ((RESUME_TAG, resume_key), (CONFIG_TAG, digest)) if value})
+        self.parent, self.system_metrics = parent, system_metrics
         self._client: Any = None
         self._experiment_id: str | None = None
         self._params: dict[str, str] = {}
+        self._monitor: Any = None
 
     # -- lifecycle
 
@@ -270,6 +280,8 @@ class Tracker:
         if not self.enabled:
             return None
         self._client, self._experiment_id = _open_store(self.uri, self.experiment)
+        if self.parent:
+            self.tags["mlflow.parentRunId"] = parent_run(self._client, self._experiment_id, self.parent, self.uri)
         if not self.resumed and self.resume_key:
             self.run_id = find_job_run(self._client, self._experiment_id, self.resume_key, self.digest)
             self.resumed = self.run_id is not None
@@ -278,12 +290,16 @@ class Tracker:
             self.set_tags(self.tags)
         else:
             self.run_id = _create_run(self._client, self._experiment_id, self.run_name, self.tags)
+        self._monitor = _start_system_metrics(self.run_id, self.uri) if self.system_metrics else None
         return self.run_id
 
     def end(self, status: str = "FINISHED") -> None:
         if not self.enabled or self._client is None or self.run_id is None:
             return
         run_id, client = self.run_id, self._client
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
         _retry(lambda: client.set_terminated(run_id, status), f"mark run {run_id} {status}")
         self._client = None
 
@@ -338,6 +354,17 @@ class Tracker:
         for batch in _chunks(entries, PARAMS_PER_BATCH):
             _retry(lambda: self._client.log_batch(self.run_id, tags=batch), "set tags")
 
+    def log_dataset(self, name: str, source: str, digest: str, context: str) -> None:
+        """Record a data set the job read (MLflow's Datasets column); `context` is training or evaluation."""
+        if not self._active():
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        source_type = "http" if "://" in source else "local"
+        entry = DatasetInput(Dataset(name, digest, source_type, json.dumps({"uri": source})),
+                             [InputTag("mlflow.data.context", context)])
+        _retry(lambda: self._client.log_inputs(self.run_id, datasets=[entry]), f"log dataset {name}")
+
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Copy a file (or directory) into the run's artifact store."""
         if not self._active():
@@ -380,6 +407,36 @@ def find_job_run(client: Any, experiment_id: str, key: str, digest: str | None) 
         if run.info.status in ("RUNNING", "SCHEDULED"):
             _retry(lambda: client.set_terminated(run.info.run_id, "KILLED"), f"close abandoned run {run.info.run_id}")
     return None
+
+
+def parent_run(client: Any, experiment_id: str, name: str, uri: str) -> str:
+    """The id of the parent run called `name`, created (FINISHED: it only groups) by the first job asking.
+    Creation is serialised with the store's init lock, so parallel jobs agree on one parent; where no lock
+    exists (a server), the oldest of any duplicates wins every later lookup."""
+    query = f"tags.`{PARENT_TAG}` = '{name}'" if "'" not in name else f'tags.`{PARENT_TAG}` = "{name}"'
+
+    def oldest() -> str | None:
+        runs = _retry(lambda: client.search_runs([experiment_id], filter_string=query,
+                                                 order_by=["attributes.start_time ASC"], max_results=1),
+                      f"look for the parent run {name}")
+        return runs[0].info.run_id if runs else None
+
+    with _store_init_lock(uri):
+        found = oldest()
+        if found is not None:
+            return found
+        run_id = _create_run(client, experiment_id, name, {PARENT_TAG: name, "nern.stage": "pipeline"})
+        _retry(lambda: client.set_terminated(run_id, "FINISHED"), f"close the parent run {name}")
+    return oldest() or run_id
+
+
+def _start_system_metrics(run_id: str, uri: str) -> Any:
+    """MLflow's CPU/memory/disk sampler, logging into the job's run every 10 s until the run ends."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=True, tracking_uri=uri)
+    monitor.start()
+    return monitor
 
 
 def _runs_of_job(client: Any, experiment_id: str, key: str, digest: str | None) -> list[Any]:

@@ -196,3 +196,22 @@ def test_streaming_batches_resume_exactly(tmp_path: Path) -> None:
     resumed.load_state_dict(first.state_dict())
     assert _same_batches(uninterrupted, head + _take(resumed, 2))
     assert [x.shape[0] for x, _ in eval_batches(splits.test, 3)] == [3, 1]
+
+
+def test_dataset_identity_names_the_folder_and_its_digest_follows_the_files(tmp_path: Path) -> None:
+    """What MLflow records as the run's dataset input: a digest that changes when a file is added or changed."""
+    from nern.data import dataset_identity
+
+    for cls, name in enumerate(("cat", "dog")):
+        (tmp_path / "imgs" / "train" / name).mkdir(parents=True)
+        (tmp_path / "imgs" / "train" / name / "0.png").write_bytes(b"x" * (cls + 1))
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path / "imgs"))
+    name, source, digest = dataset_identity(cfg)
+    assert (name, source) == ("imagefolder:imgs", str(tmp_path / "imgs"))
+    (tmp_path / "imgs" / ".nern-cache").mkdir()
+    (tmp_path / "imgs" / ".nern-cache" / "decoded.safetensors").write_bytes(b"cache")
+    assert dataset_identity(cfg)[2] == digest  # our own decode cache is not the data
+    (tmp_path / "imgs" / "train" / "dog" / "1.png").write_bytes(b"y")
+    assert dataset_identity(cfg)[2] != digest
+    fmnist = dataset_identity(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+    assert fmnist[1] == str(tmp_path / "FashionMNIST" / "raw") and fmnist[2] != digest

@@ -240,3 +240,39 @@ def test_a_rerun_of_the_same_job_reopens_its_finished_run_and_a_changed_config_d
 def test_config_digest_ignores_order_but_not_values():
     assert tracking.config_digest({"a": 1, "b": 2}) == tracking.config_digest({"b": 2, "a": 1})
     assert tracking.config_digest({"a": 1}) != tracking.config_digest({"a": 2})
+
+
+def test_jobs_with_a_parent_are_children_of_one_parent_run(store_uri):
+    """The pipeline's grouping: every job of a preset is a child of the one run named after the preset."""
+    from mlflow.tracking import MlflowClient
+
+    ids = []
+    for job in ("a", "b"):
+        with Tracker(store_uri, "parents", f"job-{job}", parent="preset-x", resume_key=f"/out/{job}",
+                     digest="d0") as tr:
+            ids.append(tr.run_id)
+    with Tracker(store_uri, "parents", "job-c", parent="preset-y", resume_key="/out/c") as tr:
+        other = tr.run_id
+    client = MlflowClient(tracking_uri=store_uri)
+    exp = client.get_experiment_by_name("parents").experiment_id
+    parents = client.search_runs([exp], filter_string=f"tags.`{tracking.PARENT_TAG}` = 'preset-x'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].info.run_name == "preset-x"
+    children = {client.get_run(i).data.tags["mlflow.parentRunId"] for i in ids}
+    assert children == {parents[0].info.run_id}
+    assert client.get_run(other).data.tags["mlflow.parentRunId"] != parents[0].info.run_id
+    with Tracker(store_uri, "parents", "job-a", parent="preset-x", resume_key="/out/a", digest="d0") as tr:
+        assert tr.run_id == ids[0]  # the rerun of a job stays the same child
+    assert len(client.search_runs([exp], filter_string=f"tags.`{tracking.PARENT_TAG}` = 'preset-x'")) == 1
+
+
+def test_dataset_inputs_are_logged_with_name_source_digest_and_context(store_uri):
+    from mlflow.tracking import MlflowClient
+
+    with Tracker(store_uri, "datasets", "job", resume_key="/out/ds") as tr:
+        tr.log_dataset("fashion_mnist", "/data/FashionMNIST/raw", "0123abcd", "training")
+        run_id = tr.run_id
+    inputs = MlflowClient(tracking_uri=store_uri).get_run(run_id).inputs.dataset_inputs
+    assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [("fashion_mnist", "0123abcd")]
+    assert "/data/FashionMNIST/raw" in inputs[0].dataset.source
+    assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"

@@ -37,6 +37,10 @@ COMPILE = "true" if config.get("compile", False) else "false"
 # The configured MLflow store, else the environment's, else an embedded SQLite file under ./results (absolute:
 # every job agrees on it).
 MLFLOW_URI = shlex.quote(default_tracking_uri(config["mlflow"]["tracking_uri"]))
+# Every job's MLflow run is a child of the preset's parent run (one expandable row per preset in the UI), and
+# logs system metrics when the config asks; passed in the environment, so neither reruns finished jobs.
+os.environ["NERN_MLFLOW_PARENT"] = PRESET
+os.environ["NERN_MLFLOW_SYSTEM_METRICS"] = "1" if config["mlflow"]["system_metrics"] else "0"
 
 # The design, checked when the DAG is built: a typo anywhere in the preset fails here, naming the key.
 ROWS = grid.table_rows(config)
