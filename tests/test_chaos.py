@@ -1,0 +1,221 @@
+"""Chaos run: the tiny workflow (config/test.yaml) with random jobs SIGKILLed at random moments loses nothing.
+
+The tiny preset runs twice in one temporary directory: once uninterrupted (the reference), once while a seeded
+RNG picks a running `nern` job of that Snakemake and SIGKILLs it after a random delay (start-up, training, a
+checkpoint write, the MLflow calls and the final writes all fall inside the window), then reruns Snakemake
+until it completes. The local profile retries a failed job once and reruns incomplete outputs; every stage
+resumes from its checkpoint (kept in its output directory) or starts over. The chaos run must end with the
+reference's tables byte for byte, every metrics.json result equal (timing fields aside), and one FINISHED
+MLflow run per job, none left RUNNING. Its kills are counted in the fault-injection summary line
+(tests/faults.py). Checkpoints are switched on here (test.yaml has none) so that kills hit resumes too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+import faults
+from test_workflow import REPO, SNAKEFILE, TEST_CONFIG, TRACKED_RULES, job_counts, output, run_in, tail
+
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
+
+CHAOS_SEED = int(os.environ.get("NERN_CHAOS_SEED", "13"))  # another seed explores other kill moments
+KILLS = 6  # at least 5; one spare for a victim that ends on its own during the delay
+MAX_DELAY_S = 8.0  # a tiny job lives about 5-20 s on 2 busy cores: the kill can land anywhere in it
+MAX_PASSES = 8  # snakemake invocations in the chaos run (a job killed twice in one pass fails that pass)
+RUN_TIMEOUT_S = 1500
+# Fields that measure time or say whether the run resumed: everything else must be equal.
+NON_RESULT_FIELDS = {"wall_seconds", "train_seconds", "eval_seconds", "seconds_per_iteration", "resumed"}
+RUNNING = "RUNNING"
+
+
+def chaos_config(path: Path) -> Path:
+    """The tiny preset with checkpoints every few iterations (pretrain ~38 iterations, fits 16)."""
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    network = config["networks"][0]
+    network["original"]["set"]["checkpoint_every"] = 8
+    network["fit"]["checkpoint_every"] = 4
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ killing
+
+
+@dataclass
+class Kill:
+    command: str  # nern subcommand and output directory
+    age_s: float  # how long the job had run when it was killed
+
+    def __str__(self) -> str:
+        return f"{self.command} after {self.age_s:.1f} s"
+
+
+def nern_jobs(root_pid: int) -> list[psutil.Process]:
+    """The `python -m nern ...` processes below `root_pid` (this test's Snakemake only, never another's)."""
+    try:
+        below = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    jobs = []
+    for proc in below:
+        try:
+            argv = proc.cmdline()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+        if any(a == "-m" and b == "nern" for a, b in zip(argv, argv[1:])):
+            jobs.append(proc)
+    return sorted(jobs, key=lambda p: p.pid)
+
+
+def describe(proc: psutil.Process) -> str:
+    argv = proc.cmdline()
+    out = argv[argv.index("--out") + 1] if "--out" in argv else ""
+    return f"{argv[argv.index('nern') + 1]} {out}".strip()
+
+
+def kill_one(snake: subprocess.Popen, rng: random.Random) -> Kill | None:
+    """Wait for a running job, pick one, SIGKILL it after a random delay; None if none was killed."""
+    while snake.poll() is None:
+        jobs = nern_jobs(snake.pid)
+        if jobs:
+            victim, delay = rng.choice(jobs), rng.uniform(0.0, MAX_DELAY_S)
+            try:
+                name = describe(victim)
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline and victim.is_running() and snake.poll() is None:
+                    time.sleep(0.01)
+                if victim.status() == psutil.STATUS_ZOMBIE:
+                    return None
+                age = time.time() - victim.create_time()
+                victim.send_signal(signal.SIGKILL)
+                return Kill(name, age)
+            except (psutil.NoSuchProcess, ValueError, IndexError):
+                return None  # it finished on its own
+        time.sleep(0.02)
+    return None
+
+
+def start_snakemake(workdir: Path, configfile: Path) -> subprocess.Popen:
+    """As test_workflow.run_in, but returns at once, so jobs can be killed while it runs."""
+    command = ["timeout", "-s", "INT", "-k", "30", str(RUN_TIMEOUT_S), sys.executable, "-m", "snakemake", "all",
+               "--snakefile", str(SNAKEFILE), "--directory", str(workdir), "--configfile", str(configfile),
+               "--profile", str(REPO / "workflow" / "profiles" / "local")]
+    log = open(workdir / f"snakemake-{time.monotonic_ns()}.log", "wb")
+    return subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+
+
+def chaos_run(workdir: Path, configfile: Path, chain: faults.RunChain) -> list[Kill]:
+    """Run the workflow, killing KILLS jobs on the way, and rerun it until it completes."""
+    rng = random.Random(CHAOS_SEED)
+    kills: list[Kill] = []
+    for _ in range(MAX_PASSES):
+        snake = start_snakemake(workdir, configfile)
+        try:
+            while len(kills) < KILLS and snake.poll() is None:
+                kill = kill_one(snake, rng)
+                if kill:
+                    kills.append(kill)
+                    chain.killed("SIGKILL")
+            code = snake.wait(timeout=RUN_TIMEOUT_S + 60)
+        finally:
+            if snake.poll() is None:
+                snake.kill()
+                snake.wait()
+        if code == 0 and len(kills) >= KILLS:
+            return kills
+        if code == 0:
+            pytest.fail(f"the workflow completed after only {len(kills)} kills: {[str(k) for k in kills]}")
+    pytest.fail(f"the workflow did not complete in {MAX_PASSES} passes; kills: {[str(k) for k in kills]}")
+
+
+# ------------------------------------------------------------------------------------------------ comparing
+
+
+def tables(workdir: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((workdir / "results" / "tables" / "test").glob("*.csv"))}
+
+
+def without_timing(value):
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if k not in NON_RESULT_FIELDS}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
+def metrics_results(workdir: Path) -> dict[str, dict]:
+    results = workdir / "results" / "test"
+    return {str(p.relative_to(results)): without_timing(json.loads(p.read_text()))
+            for p in sorted(results.rglob("metrics.json"))}
+
+
+def mlflow_jobs(workdir: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """((rule, run name) of every FINISHED run, sorted; names of the runs still RUNNING)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("test")
+    assert experiment is not None, "no MLflow experiment 'test'"
+    runs = client.search_runs([experiment.experiment_id], max_results=10_000)
+    finished = sorted((r.data.tags.get("rule", "?"), r.info.run_name) for r in runs if r.info.status == "FINISHED")
+    running = [f"{r.info.run_name} ({r.info.run_id})" for r in runs if r.info.status == RUNNING]
+    return finished, running
+
+
+def leftovers(workdir: Path) -> list[str]:
+    """Checkpoints and temporaries a finished workflow must not leave behind."""
+    results = workdir / "results"
+    return sorted(str(p.relative_to(results)) for pattern in ("checkpoint.pt", "*.tmp", ".*.tmp")
+                  for p in results.rglob(pattern))
+
+
+# ------------------------------------------------------------------------------------------------ the test
+
+
+def test_tiny_workflow_survives_random_sigkills_with_identical_results(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    configfile = chaos_config(tmp_path / "chaos.yaml")
+    reference, chaos = tmp_path / "reference", tmp_path / "chaos"
+    reference.mkdir()
+    chaos.mkdir()
+
+    start = time.monotonic()
+    done = run_in(reference, configfile, "local", RUN_TIMEOUT_S)
+    reference_s = time.monotonic() - start
+    assert done.returncode == 0, tail(done)
+    counts = job_counts(output(done))
+
+    chain = faults.chain("chaos: tiny workflow")
+    start = time.monotonic()
+    kills = chaos_run(chaos, configfile, chain)
+    chaos_s = time.monotonic() - start
+    print(f"chaos run (seed {CHAOS_SEED}): reference {reference_s:.0f} s, chaos {chaos_s:.0f} s, "
+          f"{len(kills)} kills: " + "; ".join(map(str, kills)))
+
+    assert tables(reference), "the reference run wrote no tables"
+    assert tables(chaos) == tables(reference)
+    want = metrics_results(reference)
+    got = metrics_results(chaos)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name] == want[name], name
+    finished, running = mlflow_jobs(chaos)
+    finished_ref, running_ref = mlflow_jobs(reference)
+    assert not running and not running_ref, f"runs left RUNNING: {running or running_ref}"
+    assert len(set(finished_ref)) == len(finished_ref) == sum(counts.get(rule, 0) for rule in TRACKED_RULES)
+    assert finished == finished_ref, "not exactly one FINISHED MLflow run per job"
+    assert leftovers(chaos) == []
+    chain.completed()
