@@ -1,8 +1,9 @@
 """Chaos run: the tiny workflow (config/test.yaml) with random jobs SIGKILLed at random moments loses nothing.
 
-The tiny preset runs twice in one temporary directory: once uninterrupted (the reference), once while a seeded
-RNG picks a running `nern` job of that Snakemake and SIGKILLs it after a random delay (start-up, training, a
-checkpoint write, the MLflow calls and the final writes all fall inside the window), then reruns Snakemake
+The tiny preset (trimmed to one chain per stage) runs twice in one temporary directory: once uninterrupted (the reference), once while a seeded
+RNG picks a running `nern` job of that Snakemake and SIGKILLs it after a random delay (uniform over the time the
+same job took in the reference run, so start-up, training, checkpoint writes, the MLflow calls and the final
+writes all fall inside the window), then reruns Snakemake
 until it completes. The local profile retries a failed job once and reruns incomplete outputs; every stage
 resumes from its checkpoint (kept in its output directory) or starts over. The chaos run must end with the
 reference's tables byte for byte, every metrics.json result equal (timing fields aside), and one FINISHED
@@ -16,6 +17,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -33,18 +35,24 @@ pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 CHAOS_SEED = int(os.environ.get("NERN_CHAOS_SEED", "13"))  # another seed explores other kill moments
 KILLS = 6  # at least 5; one spare for a victim that ends on its own during the delay
-MAX_DELAY_S = 8.0  # a tiny job lives about 5-20 s on 2 busy cores: the kill can land anywhere in it
+DEFAULT_LIFE_S = 20.0  # when the reference run left no benchmark files at all
 MAX_PASSES = 8  # snakemake invocations in the chaos run (a job killed twice in one pass fails that pass)
-RUN_TIMEOUT_S = 1500
+RUN_TIMEOUT_S = 2400  # generous: only reached when something hangs (or on a heavily shared machine)
 # Fields that measure time or say whether the run resumed: everything else must be equal.
 NON_RESULT_FIELDS = {"wall_seconds", "train_seconds", "eval_seconds", "seconds_per_iteration", "resumed"}
 RUNNING = "RUNNING"
 
 
 def chaos_config(path: Path) -> Path:
-    """The tiny preset with checkpoints every few iterations (pretrain ~38 iterations, fits 16)."""
+    """The tiny preset trimmed to one chain per stage (pretrain, 2 permutations, 2 fits, compress, importance,
+    tables: 8 jobs, run twice), with checkpoints every few iterations (pretrain ~38 iterations, fits 16)."""
     config = yaml.safe_load(TEST_CONFIG.read_text())
     network = config["networks"][0]
+    network["grid"]["permutations"] = ["none", "crossfilter"]
+    network["reference"] = {"permutation": "crossfilter"}
+    network.pop("regularisation", None)
+    network["ablations"] = []
+    network["data_free"] = {}
     network["original"]["set"]["checkpoint_every"] = 8
     network["fit"]["checkpoint_every"] = 4
     path.write_text(yaml.safe_dump(config))
@@ -58,9 +66,10 @@ def chaos_config(path: Path) -> Path:
 class Kill:
     command: str  # nern subcommand and output directory
     age_s: float  # how long the job had run when it was killed
+    life_s: float  # how long the same job took in the reference run
 
     def __str__(self) -> str:
-        return f"{self.command} after {self.age_s:.1f} s"
+        return f"{self.command} after {self.age_s:.1f} s of {self.life_s:.0f} s"
 
 
 def nern_jobs(root_pid: int) -> list[psutil.Process]:
@@ -80,20 +89,43 @@ def nern_jobs(root_pid: int) -> list[psutil.Process]:
     return sorted(jobs, key=lambda p: p.pid)
 
 
-def describe(proc: psutil.Process) -> str:
-    argv = proc.cmdline()
-    out = argv[argv.index("--out") + 1] if "--out" in argv else ""
-    return f"{argv[argv.index('nern') + 1]} {out}".strip()
+def job_out(argv: list[str]) -> str:
+    """The job's `--out` (a directory, or the permutation file)."""
+    return argv[argv.index("--out") + 1] if "--out" in argv else ""
 
 
-def kill_one(snake: subprocess.Popen, rng: random.Random) -> Kill | None:
-    """Wait for a running job, pick one, SIGKILL it after a random delay; None if none was killed."""
+def lifetimes(reference: Path) -> dict[str, float]:
+    """Wall seconds of each job of the reference run, from Snakemake's benchmark files, keyed by the path
+    below results/<preset>/ (= the job's output directory, as for the benchmark file)."""
+    root = reference / "benchmarks" / "test"
+    found = {}
+    for tsv in root.rglob("*.tsv"):
+        rows = tsv.read_text().splitlines()
+        if len(rows) > 1:
+            found[str(tsv.relative_to(root).with_suffix(""))] = float(rows[-1].split("\t")[0])
+    return found
+
+
+def life_of(out: str, lives: dict[str, float]) -> float:
+    """The reference lifetime of the job writing `out` (a permutation job's out is its .safetensors file)."""
+    key = out.split("results/test/", 1)[-1].rstrip("/").removesuffix(".safetensors")
+    if key in lives:
+        return lives[key]
+    return statistics.median(lives.values()) if lives else DEFAULT_LIFE_S
+
+
+def kill_one(snake: subprocess.Popen, rng: random.Random, lives: dict[str, float]) -> Kill | None:
+    """Wait for a running job, pick one, SIGKILL it at a random moment of its reference lifetime; None if it
+    ended first."""
     while snake.poll() is None:
         jobs = nern_jobs(snake.pid)
         if jobs:
-            victim, delay = rng.choice(jobs), rng.uniform(0.0, MAX_DELAY_S)
+            victim = rng.choice(jobs)
             try:
-                name = describe(victim)
+                argv = victim.cmdline()
+                out = job_out(argv)
+                name = f"{argv[argv.index('nern') + 1]} {out}".strip()
+                delay = rng.uniform(0.0, life_of(out, lives)) - (time.time() - victim.create_time())
                 deadline = time.monotonic() + delay
                 while time.monotonic() < deadline and victim.is_running() and snake.poll() is None:
                     time.sleep(0.01)
@@ -101,7 +133,7 @@ def kill_one(snake: subprocess.Popen, rng: random.Random) -> Kill | None:
                     return None
                 age = time.time() - victim.create_time()
                 victim.send_signal(signal.SIGKILL)
-                return Kill(name, age)
+                return Kill(name, age, life_of(out, lives))
             except (psutil.NoSuchProcess, ValueError, IndexError):
                 return None  # it finished on its own
         time.sleep(0.02)
@@ -117,7 +149,7 @@ def start_snakemake(workdir: Path, configfile: Path) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
 
 
-def chaos_run(workdir: Path, configfile: Path, chain: faults.RunChain) -> list[Kill]:
+def chaos_run(workdir: Path, configfile: Path, chain: faults.RunChain, lives: dict[str, float]) -> list[Kill]:
     """Run the workflow, killing KILLS jobs on the way, and rerun it until it completes."""
     rng = random.Random(CHAOS_SEED)
     kills: list[Kill] = []
@@ -125,7 +157,7 @@ def chaos_run(workdir: Path, configfile: Path, chain: faults.RunChain) -> list[K
         snake = start_snakemake(workdir, configfile)
         try:
             while len(kills) < KILLS and snake.poll() is None:
-                kill = kill_one(snake, rng)
+                kill = kill_one(snake, rng, lives)
                 if kill:
                     kills.append(kill)
                     chain.killed("SIGKILL")
@@ -200,7 +232,7 @@ def test_tiny_workflow_survives_random_sigkills_with_identical_results(tmp_path:
 
     chain = faults.chain("chaos: tiny workflow")
     start = time.monotonic()
-    kills = chaos_run(chaos, configfile, chain)
+    kills = chaos_run(chaos, configfile, chain, lifetimes(reference))
     chaos_s = time.monotonic() - start
     print(f"chaos run (seed {CHAOS_SEED}): reference {reference_s:.0f} s, chaos {chaos_s:.0f} s, "
           f"{len(kills)} kills: " + "; ".join(map(str, kills)))

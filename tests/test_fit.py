@@ -277,6 +277,7 @@ def test_normalized_reconstruction_error_weighs_each_layer_by_its_own_scale(fash
     assert math.isclose(float(raw.reconstruction(noisy)), expected_raw, rel_tol=1e-3)
 
 
+@pytest.mark.compile
 @pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_iteration_computes_the_same_losses_and_gradients_as_eager(fashion_mnist_root):
     """compile=true (one fused fx graph per network, issue #3's throughput work) must not change the method:
