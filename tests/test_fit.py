@@ -60,6 +60,7 @@ def trained_user_cnn(fashion_mnist_root, tmp_path_factory):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_user_cnn_permute_fit_evaluate_without_new_classes(trained_user_cnn, fashion_mnist_root, tmp_path):
     from nern.permutation import compute_permutations
 
@@ -81,6 +82,7 @@ def test_user_cnn_permute_fit_evaluate_without_new_classes(trained_user_cnn, fas
     assert torch.equal(first, dict(model.named_parameters())["features.0.weight"])  # unrepresented: verbatim
 
 
+@pytest.mark.slow
 def test_fit_improves_reconstruction_and_writes_outputs(fashion_mnist_root, tmp_path):
     cfg = tiny_fit(fashion_mnist_root, iterations=40, sampling={"method": "all"}, optim={"lr": 1e-2})
     setup = prepare(cfg)
@@ -96,6 +98,7 @@ def test_fit_improves_reconstruction_and_writes_outputs(fashion_mnist_root, tmp_
     assert metrics["iterations"] == 40
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_is_exact(fashion_mnist_root, tmp_path):
     cfg = tiny_fit(fashion_mnist_root)
     straight = fit(cfg, tmp_path / "straight")
