@@ -34,9 +34,10 @@ from test_workflow import REPO, SNAKEFILE, TEST_CONFIG, TRACKED_RULES, job_count
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 CHAOS_SEED = int(os.environ.get("NERN_CHAOS_SEED", "13"))  # another seed explores other kill moments
-KILLS = 6  # at least 5; one spare for a victim that ends on its own during the delay
+KILLS, MIN_KILLS = 7, 5  # kills aimed at; the fewest that count as a chaos run (victims may end first)
+KILL_PROBABILITY = 0.8  # of each new job (a restarted job is a new one)
 DEFAULT_LIFE_S = 20.0  # when the reference run left no benchmark files at all
-MAX_PASSES = 8  # snakemake invocations in the chaos run (a job killed twice in one pass fails that pass)
+MAX_PASSES = 10  # snakemake invocations in the chaos run (a job killed twice in one pass fails that pass)
 RUN_TIMEOUT_S = 2400  # generous: only reached when something hangs (or on a heavily shared machine)
 # Fields that measure time or say whether the run resumed: everything else must be equal.
 NON_RESULT_FIELDS = {"wall_seconds", "train_seconds", "eval_seconds", "seconds_per_iteration", "resumed"}
@@ -114,30 +115,43 @@ def life_of(out: str, lives: dict[str, float]) -> float:
     return statistics.median(lives.values()) if lives else DEFAULT_LIFE_S
 
 
-def kill_one(snake: subprocess.Popen, rng: random.Random, lives: dict[str, float]) -> Kill | None:
-    """Wait for a running job, pick one, SIGKILL it at a random moment of its reference lifetime; None if it
-    ended first."""
-    while snake.poll() is None:
-        jobs = nern_jobs(snake.pid)
-        if jobs:
-            victim = rng.choice(jobs)
+class Killer:
+    """Gives each new job of the Snakemake, with probability KILL_PROBABILITY, a kill moment drawn uniformly over
+    the time the same job took in the reference run, and SIGKILLs it then; KILLS kills in all."""
+
+    def __init__(self, rng: random.Random, lives: dict[str, float]):
+        self.rng, self.lives = rng, lives
+        self.seen: set[int] = set()
+        self.pending: dict[int, tuple[psutil.Process, float, str, float]] = {}  # pid -> (proc, kill at, job, life)
+        self.kills: list[Kill] = []
+
+    def poll(self, snake: subprocess.Popen) -> None:
+        for proc in nern_jobs(snake.pid):
+            if proc.pid in self.seen:
+                continue
+            self.seen.add(proc.pid)
+            if len(self.kills) + len(self.pending) >= KILLS or self.rng.random() >= KILL_PROBABILITY:
+                continue
             try:
-                argv = victim.cmdline()
-                out = job_out(argv)
-                name = f"{argv[argv.index('nern') + 1]} {out}".strip()
-                delay = rng.uniform(0.0, life_of(out, lives)) - (time.time() - victim.create_time())
-                deadline = time.monotonic() + delay
-                while time.monotonic() < deadline and victim.is_running() and snake.poll() is None:
-                    time.sleep(0.01)
-                if victim.status() == psutil.STATUS_ZOMBIE:
-                    return None
-                age = time.time() - victim.create_time()
-                victim.send_signal(signal.SIGKILL)
-                return Kill(name, age, life_of(out, lives))
-            except (psutil.NoSuchProcess, ValueError, IndexError):
-                return None  # it finished on its own
-        time.sleep(0.02)
-    return None
+                argv, born = proc.cmdline(), proc.create_time()
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+            out = job_out(argv)
+            life = life_of(out, self.lives)
+            job = f"{argv[argv.index('nern') + 1]} {out}".strip()
+            self.pending[proc.pid] = (proc, born + self.rng.uniform(0.0, life), job, life)
+        for pid, (proc, at, job, life) in list(self.pending.items()):
+            try:
+                if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+                    del self.pending[pid]  # it ended first: another job takes its place
+                elif time.time() >= at:
+                    age = time.time() - proc.create_time()
+                    proc.send_signal(signal.SIGKILL)
+                    del self.pending[pid]
+                    self.kills.append(Kill(job, age, life))
+                    print(f"chaos: SIGKILL {self.kills[-1]}", flush=True)
+            except psutil.NoSuchProcess:
+                self.pending.pop(pid, None)
 
 
 def start_snakemake(workdir: Path, configfile: Path) -> subprocess.Popen:
@@ -150,27 +164,27 @@ def start_snakemake(workdir: Path, configfile: Path) -> subprocess.Popen:
 
 
 def chaos_run(workdir: Path, configfile: Path, chain: faults.RunChain, lives: dict[str, float]) -> list[Kill]:
-    """Run the workflow, killing KILLS jobs on the way, and rerun it until it completes."""
-    rng = random.Random(CHAOS_SEED)
-    kills: list[Kill] = []
+    """Run the workflow, killing jobs on the way, and rerun it until it completes."""
+    killer = Killer(random.Random(CHAOS_SEED), lives)
     for _ in range(MAX_PASSES):
         snake = start_snakemake(workdir, configfile)
         try:
-            while len(kills) < KILLS and snake.poll() is None:
-                kill = kill_one(snake, rng, lives)
-                if kill:
-                    kills.append(kill)
-                    chain.killed("SIGKILL")
-            code = snake.wait(timeout=RUN_TIMEOUT_S + 60)
+            while snake.poll() is None:
+                killer.poll(snake)
+                time.sleep(0.02)
         finally:
             if snake.poll() is None:
                 snake.kill()
                 snake.wait()
-        if code == 0 and len(kills) >= KILLS:
-            return kills
-        if code == 0:
-            pytest.fail(f"the workflow completed after only {len(kills)} kills: {[str(k) for k in kills]}")
-    pytest.fail(f"the workflow did not complete in {MAX_PASSES} passes; kills: {[str(k) for k in kills]}")
+        killer.pending.clear()
+        if snake.returncode == 0:
+            break
+    else:
+        pytest.fail(f"the workflow did not complete in {MAX_PASSES} passes; kills: {[str(k) for k in killer.kills]}")
+    for _ in killer.kills:
+        chain.killed("SIGKILL")
+    assert len(killer.kills) >= MIN_KILLS, f"only {len(killer.kills)} kills: {[str(k) for k in killer.kills]}"
+    return killer.kills
 
 
 # ------------------------------------------------------------------------------------------------ comparing
@@ -214,6 +228,23 @@ def leftovers(workdir: Path) -> list[str]:
                   for p in results.rglob(pattern))
 
 
+def check_same_results(reference: Path, chaos: Path, tracked_jobs: int) -> None:
+    """The chaos run's tables, metrics and MLflow runs are the reference's."""
+    assert tables(reference), "the reference run wrote no tables"
+    assert tables(chaos) == tables(reference)
+    want = metrics_results(reference)
+    got = metrics_results(chaos)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name] == want[name], name
+    finished, running = mlflow_jobs(chaos)
+    finished_ref, running_ref = mlflow_jobs(reference)
+    assert not running and not running_ref, f"runs left RUNNING: {running or running_ref}"
+    assert len(set(finished_ref)) == len(finished_ref) == tracked_jobs
+    assert finished == finished_ref, "not exactly one FINISHED MLflow run per job"
+    assert leftovers(chaos) == []
+
+
 # ------------------------------------------------------------------------------------------------ the test
 
 
@@ -237,17 +268,5 @@ def test_tiny_workflow_survives_random_sigkills_with_identical_results(tmp_path:
     print(f"chaos run (seed {CHAOS_SEED}): reference {reference_s:.0f} s, chaos {chaos_s:.0f} s, "
           f"{len(kills)} kills: " + "; ".join(map(str, kills)))
 
-    assert tables(reference), "the reference run wrote no tables"
-    assert tables(chaos) == tables(reference)
-    want = metrics_results(reference)
-    got = metrics_results(chaos)
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert got[name] == want[name], name
-    finished, running = mlflow_jobs(chaos)
-    finished_ref, running_ref = mlflow_jobs(reference)
-    assert not running and not running_ref, f"runs left RUNNING: {running or running_ref}"
-    assert len(set(finished_ref)) == len(finished_ref) == sum(counts.get(rule, 0) for rule in TRACKED_RULES)
-    assert finished == finished_ref, "not exactly one FINISHED MLflow run per job"
-    assert leftovers(chaos) == []
+    check_same_results(reference, chaos, sum(counts.get(rule, 0) for rule in TRACKED_RULES))
     chain.completed()
