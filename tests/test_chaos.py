@@ -1,14 +1,14 @@
 """Chaos run: the tiny workflow (config/test.yaml) with random jobs SIGKILLed at random moments loses nothing.
 
-The tiny preset (trimmed to one chain per stage) runs twice in one temporary directory: once uninterrupted (the reference), once while a seeded
-RNG picks a running `nern` job of that Snakemake and SIGKILLs it after a random delay (uniform over the time the
-same job took in the reference run, so start-up, training, checkpoint writes, the MLflow calls and the final
-writes all fall inside the window), then reruns Snakemake
-until it completes. The local profile retries a failed job once and reruns incomplete outputs; every stage
-resumes from its checkpoint (kept in its output directory) or starts over. The chaos run must end with the
-reference's tables byte for byte, every metrics.json result equal (timing fields aside), and one FINISHED
-MLflow run per job, none left RUNNING. Its kills are counted in the fault-injection summary line
-(tests/faults.py). Checkpoints are switched on here (test.yaml has none) so that kills hit resumes too.
+The tiny preset, trimmed to one chain per stage, runs twice in one temporary directory: once uninterrupted (the
+reference), then while a seeded RNG gives each new `nern` job of that Snakemake a kill moment drawn uniformly
+over the time the same job took in the reference run (so start-up, training, checkpoint writes, the MLflow calls
+and the final writes all fall inside the window) and SIGKILLs it then; Snakemake is rerun until it completes.
+The local profile retries a failed job once and reruns incomplete outputs; every stage resumes from its
+checkpoint (kept in its output directory) or starts over. The chaos run must end with the reference's tables
+byte for byte, every metrics.json result equal (timing fields aside), and one FINISHED MLflow run per job, none
+left RUNNING. Its kills are counted in the fault-injection summary line (tests/faults.py). Checkpoints are
+switched on here (test.yaml has none) so that kills hit resumes too. NERN_CHAOS_SEED picks other kill moments.
 """
 
 from __future__ import annotations
