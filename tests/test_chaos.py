@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.fault]
 CHAOS_SEED = int(os.environ.get("NERN_CHAOS_SEED", "13"))  # another seed explores other kill moments
 KILLS, MIN_KILLS = 7, 5  # kills aimed at; the fewest that count as a chaos run (victims may end first)
 KILL_PROBABILITY = 0.8  # of each new job (a restarted job is a new one)
+KILLS_PER_JOB = 2  # so that the kills spread over the stages instead of all hitting the first jobs
 DEFAULT_LIFE_S = 20.0  # when the reference run left no benchmark files at all
 MAX_PASSES = 10  # snakemake invocations in the chaos run (a job killed twice in one pass fails that pass)
 RUN_TIMEOUT_S = 2400  # generous: only reached when something hangs (or on a heavily shared machine)
@@ -118,7 +119,8 @@ def life_of(out: str, lives: dict[str, float]) -> float:
 
 class Killer:
     """Gives each new job of the Snakemake, with probability KILL_PROBABILITY, a kill moment drawn uniformly over
-    the time the same job took in the reference run, and SIGKILLs it then; KILLS kills in all."""
+    the time the same job took in the reference run, and SIGKILLs it then; KILLS kills in all, at most
+    KILLS_PER_JOB per job."""
 
     def __init__(self, rng: random.Random, lives: dict[str, float]):
         self.rng, self.lives = rng, lives
@@ -140,6 +142,8 @@ class Killer:
             out = job_out(argv)
             life = life_of(out, self.lives)
             job = f"{argv[argv.index('nern') + 1]} {out}".strip()
+            if sum(k.command == job for k in self.kills) >= KILLS_PER_JOB:
+                continue
             self.pending[proc.pid] = (proc, born + self.rng.uniform(0.0, life), job, life)
         for pid, (proc, at, job, life) in list(self.pending.items()):
             try:
