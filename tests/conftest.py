@@ -65,7 +65,10 @@ def slurm_cluster() -> Iterator[str]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that use the cluster carry the `slurm` marker, so `-m "not slurm"` deselects them."""
+    """Tests that use the cluster carry the `slurm` marker, so `-m "not slurm"` deselects them; Slurm and
+    torch.compile tests are also `slow`, so the fast lane `-m "not slow"` leaves them out."""
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slurm)
+        if item.get_closest_marker("slurm") or item.get_closest_marker("compile"):
+            item.add_marker(pytest.mark.slow)

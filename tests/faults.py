@@ -4,8 +4,9 @@ At the end of the session it prints ONE line:
 
     fault-injection: kills survived 7, bad inputs tried 24, concurrent runs logged 8, runs lost 0
 
-- kills survived: SIGKILL/SIGTERM interruptions of a real `nern fit`/`nern pretrain` process whose restarts
-  then completed with the uninterrupted run's results; a test reports them through `chain()`:
+- kills survived: SIGKILL/SIGTERM interruptions of a real `nern fit`/`nern pretrain` process (or, in the chaos
+  run of tests/test_chaos.py, of any job of the tiny workflow) whose restarts then completed with the
+  uninterrupted run's results; a test reports them through `chain()`:
 
       run = faults.chain("fit sigkill")
       ...; run.killed("SIGKILL")   # after each interruption

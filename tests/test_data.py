@@ -9,6 +9,8 @@ import pytest
 import torch
 from torchvision.io import write_png
 
+import nern.data as data_mod
+from nern.artifacts import load_tensors
 from nern.config import DataConfig
 from nern.data import (
     DatasetInfo,
@@ -143,10 +145,32 @@ def test_val_is_carved_from_train_disjointly_and_test_is_untouched(tmp_path: Pat
     assert not tags["train"] & tags["val"] and len(tags["train"] | tags["val"]) == 20
     assert {t[0] for t in tags["test"]} == {1} and {t[1] for t in tags["test"]} == {0, 1}  # limit spans both classes
     assert splits.train.info == DatasetInfo(3, 2, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 8)
-    assert list((tmp_path / "cache").glob("*/train.safetensors"))
-    again = build_splits(cfg, seed=0)  # served from the cache
+    cached, meta = load_tensors(next((tmp_path / "cache").glob("*/train.safetensors")))
+    assert torch.equal(torch.cat([splits.train.images, splits.val.images]).sort(0).values,
+                       cached["images"].sort(0).values) and meta["classes"] == ["class0", "class1"]
+    monkeypatch.setattr(data_mod, "_decode_all", _no_decoding)
+    again = build_splits(cfg, seed=0)  # served from the cache: decoding would fail
     assert torch.equal(again.val.images, splits.val.images)
     assert not torch.equal(build_splits(cfg, seed=1).val.images, splits.val.images)
+
+
+def _no_decoding(*args, **kwargs):
+    raise AssertionError("decoded images that the cache holds")
+
+
+def test_a_changed_image_invalidates_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NERN_CACHE_DIR", str(tmp_path / "cache"))
+    _write_image_folder(tmp_path / "data", {"train": 3, "test": 1})
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path / "data"))
+    before, _ = load_arrays(cfg, "train")
+    image = torch.full((3, 8, 8), 200, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        write_png(image, str(tmp_path / "data" / "train" / "class1" / "001.png"))
+    after, _ = load_arrays(cfg, "train")
+    assert not torch.equal(before, after) and torch.equal(after[4], image)  # class1/001 is the 5th image
+    monkeypatch.setattr(data_mod, "_decode_all", _no_decoding)
+    assert torch.equal(load_arrays(cfg, "train")[0], after)  # the rebuilt cache is used
 
 
 def test_missing_or_empty_data_is_a_user_error(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from helpers import fmnist_args as data_args
 from nern.artifacts import load_tensors
 from nern.fit import NON_RESULT_KEYS
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 300.0  # the machine may be shared with heavy jobs: generous, only reached when something hangs

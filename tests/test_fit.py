@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import math
 import shutil
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from nern.config import DataConfig, FitConfig, PretrainConfig, load_config
-from nern.data import build_splits
+from nern.data import build_splits, load_arrays, normalise
 from nern.errors import NernError
 from nern.fit import Fitter, decode_weights, distillation_weights, fit, load_predictor, prepare
 from nern.layers import conv_weights
@@ -61,6 +62,7 @@ def trained_user_cnn(fashion_mnist_root, tmp_path_factory):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_user_cnn_permute_fit_evaluate_without_new_classes(trained_user_cnn, fashion_mnist_root, tmp_path):
     from nern.permutation import compute_permutations
 
@@ -82,6 +84,7 @@ def test_user_cnn_permute_fit_evaluate_without_new_classes(trained_user_cnn, fas
     assert torch.equal(first, dict(model.named_parameters())["features.0.weight"])  # unrepresented: verbatim
 
 
+@pytest.mark.slow
 def test_fit_improves_reconstruction_and_writes_outputs(fashion_mnist_root, tmp_path):
     cfg = tiny_fit(fashion_mnist_root, iterations=40, sampling={"method": "all"}, optim={"lr": 1e-2})
     setup = prepare(cfg)
@@ -98,6 +101,7 @@ def test_fit_improves_reconstruction_and_writes_outputs(fashion_mnist_root, tmp_
     assert metrics["iterations"] == 40
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_is_exact(fashion_mnist_root, tmp_path):
     cfg = tiny_fit(fashion_mnist_root)
     straight = fit(cfg, tmp_path / "straight")
@@ -131,9 +135,41 @@ def test_checkpoint_of_other_config_is_refused(fashion_mnist_root, tmp_path):
         fit(tiny_fit(fashion_mnist_root, iterations=4, predictor={"hidden": 32}), tmp_path)
 
 
+class NoImages:
+    """Stands in for the training split of a data-free fit: reading any of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a data-free fit read the training split ({name})")
+
+    def __len__(self):
+        raise AssertionError("a data-free fit read the training split (len)")
+
+
 def test_data_free_fit_runs_on_noise_and_evaluates_on_real_test_set(fashion_mnist_root, tmp_path):
-    metrics = fit(tiny_fit(fashion_mnist_root, data_free=True, iterations=4, eval_every=0), tmp_path)
-    assert metrics["data_free"] is True and metrics["original_top1"] > 0
+    """Every batch the networks see while fitting is fresh i.i.d. U[-2, 2] noise in normalised input space (real
+    Fashion-MNIST normalises into [-1, 1]); no training image is read; evaluation is on the real test set."""
+    cfg = tiny_fit(fashion_mnist_root, data_free=True, iterations=4, eval_every=0)
+    setup = prepare(cfg)
+    setup = replace(setup, splits=replace(setup.splits, train=NoImages()))
+    seen = []
+    hook = setup.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    metrics = Fitter(cfg, setup, tmp_path).run()
+    hook.remove()
+    assert metrics["data_free"] is True
+    real_test = normalise(setup.splits.test.images, setup.splits.test.info)
+    assert any(torch.equal(x, real_test) for x in seen if x.shape == real_test.shape)  # evaluated on it
+    batches = [x for x in seen if x.shape[0] == cfg.data.batch_size]  # evaluation batches hold 500 images
+    assert len(batches) >= 2 * 4  # teacher and student, every iteration
+    noise = torch.stack(batches[::2])
+    assert noise.shape[1:] == (cfg.data.batch_size, 1, 28, 28) and len(noise.unique(dim=0)) == len(noise)
+    assert torch.equal(batches[0], batches[1])  # the student sees the teacher's batch
+    values = noise.flatten().double()
+    assert -2 <= values.min() < -1.99 and 1.99 < values.max() <= 2
+    assert abs(values.mean()) < 0.02 and abs(values.var() - 16 / 12) < 0.03  # U[-2, 2]: mean 0, variance 4/3
+    counts = torch.histc(values, bins=8, min=-2, max=2)
+    assert (counts / counts.mean() - 1).abs().max() < 0.05  # flat over [-2, 2]
+    pixels = noise.flatten(2).double()  # independent pixels: no correlation between neighbours
+    assert abs(torch.corrcoef(torch.stack([pixels[..., :-1].flatten(), pixels[..., 1:].flatten()]))[0, 1]) < 0.02
 
 
 def test_warmup_and_rec_only_phase_zero_the_distillation():
@@ -205,9 +241,30 @@ def test_grey_data_into_rgb_model_is_refused(fashion_mnist_root, tmp_path):
         prepare(cfg)
 
 
+def _image_counts(images: torch.Tensor) -> collections.Counter:
+    return collections.Counter(bytes(row) for row in images.flatten(1).numpy())
+
+
 def test_splits_validation_is_carved_from_train(fashion_mnist_root):
-    splits = build_splits(DataConfig(**tiny_data(fashion_mnist_root)), seed=0)
+    """val is val_size images of the TRAIN split, disjoint from the training subset (the two together are the
+    train split exactly, duplicates counted), chosen by the seed; the test set is the test split's."""
+    cfg = DataConfig(**tiny_data(fashion_mnist_root))
+    splits = build_splits(cfg, seed=0)
     assert len(splits.val) == 500 and len(splits.test) == 500
+    train_split, train_labels = load_arrays(cfg, "train")
+    full = _image_counts(train_split)
+    val = _image_counts(splits.val.images)
+    assert len(splits.train) + len(splits.val) == len(train_split)
+    assert _image_counts(splits.train.images) + val == full  # a partition of the train split
+    assert sorted(splits.val.labels.tolist() + splits.train.labels.tolist()) == sorted(train_labels.tolist())
+    test_split = _image_counts(load_arrays(cfg, "test")[0])
+    assert not _image_counts(splits.test.images) - test_split  # test images come from the test split
+    assert not val & test_split  # Fashion-MNIST repeats no image between its splits
+    again = build_splits(cfg, seed=0)
+    assert torch.equal(again.val.images, splits.val.images) and torch.equal(again.train.images, splits.train.images)
+    other = build_splits(cfg, seed=1)
+    assert _image_counts(other.val.images) != val and _image_counts(other.train.images) + _image_counts(
+        other.val.images) == full
 
 
 def test_normalized_reconstruction_error_weighs_each_layer_by_its_own_scale(fashion_mnist_root, tmp_path):
@@ -226,6 +283,7 @@ def test_normalized_reconstruction_error_weighs_each_layer_by_its_own_scale(fash
     assert math.isclose(float(raw.reconstruction(noisy)), expected_raw, rel_tol=1e-3)
 
 
+@pytest.mark.compile
 @pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_iteration_computes_the_same_losses_and_gradients_as_eager(fashion_mnist_root):
     """compile=true (one fused fx graph per network, issue #3's throughput work) must not change the method:

@@ -83,6 +83,7 @@ def test_spearman_and_bad_options():
         I.check_options(I.ImportanceOptions([1.0], ["random"], ["kernel"]))
 
 
+@pytest.mark.slow
 def test_importance_stage_on_real_data(fitted_resnet8, tmp_path):
     out = tmp_path / "importance"
     code = main(["importance", "--model", str(fitted_resnet8["model"]), "--predictor", str(fitted_resnet8["predictor"]),

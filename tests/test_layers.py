@@ -66,10 +66,13 @@ def test_feature_maps_are_pre_activation_and_include_residual_sum():
     assert (maps[0] < 0).any()  # stem BN output before its ReLU
     block = model.layer1[0]
     with torch.no_grad():
-        stem = model.relu(model.bn1(model.conv1(x))) if hasattr(model, "relu") else None
-    if stem is not None:
-        residual = block.bn2(block.conv2(block.relu1(block.bn1(block.conv1(stem))))) + block.shortcut(stem)
-        assert torch.allclose(maps[3], residual, atol=1e-6)
+        stem_bn = model.bn1(model.conv1(x))
+        stem = model.relu(stem_bn)
+        bn1 = block.bn1(block.conv1(stem))
+        bn2 = block.bn2(block.conv2(block.relu1(bn1)))
+        residual = bn2 + block.shortcut(stem)
+    for got, want in zip(maps[:4], (stem_bn, bn1, bn2, residual)):  # stem, then bn1, bn2, sum of block 1
+        assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_torchvision_inplace_relu_maps_are_pre_activation():
@@ -81,7 +84,18 @@ def test_torchvision_inplace_relu_maps_are_pre_activation():
 
 
 def test_user_cnn_maps_are_conv_outputs_feeding_relus():
-    assert count_feature_maps(UserCNN().eval(), torch.randn(2, 1, 28, 28)) == 4
+    """No normalisation: the maps are exactly the outputs of the four convs, each the input of a ReLU."""
+    model = UserCNN().eval()
+    x = torch.randn(2, 1, 28, 28)
+    assert count_feature_maps(model, x) == 4
+    convs = [model.features[i] for i in (0, 3, 5, 8)]
+    expected = []
+    for conv in convs:
+        conv.register_forward_hook(lambda m, i, o: expected.append(o.detach().clone()))
+    _, maps = _hook_maps(model, x)
+    assert len(maps) == len(expected) == 4
+    for got, want in zip(maps, expected):
+        assert torch.equal(got, want) and (got < 0).any()  # pre-activation: the ReLU has not cut it
 
 
 def _hook_maps(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -16,11 +16,20 @@ def test_h180_matches_paper():
 
 
 def test_shape_and_no_output_activation():
+    """Linear(6L -> h), ReLU, (depth - 2) x [Linear(h -> h), ReLU], Linear(h -> k*k): the output is the plain
+    composition of those layers (no residual, no normalisation, no output activation)."""
+    torch.manual_seed(0)
     p = Predictor(24, 16, depth=3)
-    out = p(torch.randn(5, 24))
+    assert [type(m) for m in p] == [torch.nn.Linear, torch.nn.ReLU] * 2 + [torch.nn.Linear]
+    assert [(m.in_features, m.out_features) for m in p if isinstance(m, torch.nn.Linear)] == [(24, 16), (16, 16),
+                                                                                             (16, 9)]
+    x = torch.randn(5, 24)
+    out = p(x)
     assert out.shape == (5, 9)
-    assert isinstance(p[-1], torch.nn.Linear)
+    a, b, c = (m for m in p if isinstance(m, torch.nn.Linear))
+    assert torch.allclose(out, c(torch.relu(b(torch.relu(a(x))))), atol=1e-6)
     assert (out < 0).any()
+    assert len(Predictor(240, 20, depth=5)) == 2 * 4 + 1 and Predictor(240, 20, kernel_size=5)[-1].out_features == 25
 
 
 def test_variance_init_keeps_scale():

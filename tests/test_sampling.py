@@ -17,8 +17,14 @@ def test_all_returns_none():
 
 
 def test_random_batch_unique_and_size():
-    idx = make("random_batch").sample()
-    assert len(idx) == 64 and len(set(idx.tolist())) == 64
+    s = make("random_batch")
+    draws = [s.sample() for _ in range(50)]
+    for idx in draws:
+        assert len(idx) == 64 and len(set(idx.tolist())) == 64
+        assert 0 <= int(idx.min()) and int(idx.max()) < OFFSETS[-1]
+    assert not torch.equal(draws[0], draws[1])  # a fresh subset every iteration
+    seen = torch.cat(draws).bincount(minlength=OFFSETS[-1])
+    assert (seen > 0).float().mean() > 0.9  # uniform over all 1,000 kernels (50 x 64 draws cover ~96%)
 
 
 def test_without_replacement_covers_everything_once_per_pass():
@@ -30,13 +36,17 @@ def test_without_replacement_covers_everything_once_per_pass():
 def test_sequential_layer_cycles_layers():
     s = make("sequential_layer")
     for layer in [0, 1, 2, 0]:
-        idx = s.sample()
-        assert idx.min() == OFFSETS[layer] and idx.max() == OFFSETS[layer + 1] - 1
+        assert torch.equal(s.sample(), torch.arange(OFFSETS[layer], OFFSETS[layer + 1]))
 
 
 def test_random_layer_is_a_whole_layer():
-    idx = make("random_layer").sample()
-    assert any(idx.min() == OFFSETS[i] and len(idx) == OFFSETS[i + 1] - OFFSETS[i] for i in range(3))
+    s = make("random_layer")
+    layers = [torch.arange(OFFSETS[i], OFFSETS[i + 1]) for i in range(3)]
+    picked = []
+    for _ in range(30):
+        idx = s.sample()
+        picked.append(next(i for i, layer in enumerate(layers) if torch.equal(idx, layer)))
+    assert set(picked) == {0, 1, 2} and picked != sorted(picked)  # every layer, in no fixed order
 
 
 def test_weighted_batch_mixture_and_magnitude_bias():

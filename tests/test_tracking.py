@@ -165,6 +165,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_eight_processes_share_one_fresh_sqlite_store(tmp_path):
     """Opening a fresh store and logging from 8 processes at once loses no run, param or metric point."""
     uri = tracking.default_uri(tmp_path / "results")
