@@ -13,7 +13,6 @@ switched on here (test.yaml has none) so that kills hit resumes too. NERN_CHAOS_
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import random
