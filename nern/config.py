@@ -246,6 +246,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise NernError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, prefix=f"{key}.")
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """bool / int / float / str from YAML or `--set` text; a bool is never silently a number."""
     if tp is bool:
         if isinstance(value, bool):
             return value

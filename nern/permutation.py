@@ -434,11 +434,20 @@ def _or_opt_round(cyc: _Cycle, idx: Tensor) -> tuple[int, Tensor]:
     successor or predecessor, in whichever orientation puts that end next to u. Candidates are scored at
     once and applied best first; a candidate is skipped once any node it involves has moved this round,
     which keeps every applied gain exact."""
-    n, k = idx.shape
-    s = cyc.sentinel
     nxt = cyc.succ()
     prv = torch.empty_like(nxt)
     prv[nxt] = torch.arange(cyc.size)
+    moves = _or_opt_moves(cyc, idx, nxt, prv)
+    if not moves:
+        return 0, cyc.chain()
+    return _apply_or_opt_moves(cyc, moves, nxt, prv)
+
+
+def _or_opt_moves(cyc: _Cycle, idx: Tensor, nxt: Tensor, prv: Tensor) -> list[tuple[Any, ...]]:
+    """Every improving Or-opt candidate of one round, scored at once: (gains, heads, targets, length,
+    forward, side)."""
+    n = idx.shape[0]
+    s = cyc.sentinel
     edge = cyc.dots(torch.arange(cyc.size), nxt)  # edge[v] = sim(v, nxt[v])
     t = torch.arange(n)
     moves = []
@@ -462,8 +471,13 @@ def _or_opt_round(cyc: _Cycle, idx: Tensor) -> tuple[int, Tensor]:
             rows, cols = (gain > _GAIN_EPS).nonzero(as_tuple=True)
             if rows.numel():
                 moves.append((gain[rows, cols], rows, idx[rows, cols], length, forward, side))
-    if not moves:
-        return 0, cyc.chain()
+    return moves
+
+
+def _apply_or_opt_moves(cyc: _Cycle, moves: list[tuple[Any, ...]], nxt: Tensor, prv: Tensor) -> tuple[int, Tensor]:
+    """Apply the candidates best first, skipping any that touches a node already moved this round (so each
+    applied gain stays exact); returns how many were applied and the new chain."""
+    s = cyc.sentinel
     gain = torch.cat([m[0] for m in moves])
     meta = [(m[3], m[4], m[5]) for m in moves for _ in range(m[0].numel())]
     heads = torch.cat([m[1] for m in moves]).tolist()

@@ -262,12 +262,8 @@ class Tracker:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
             self.end("FINISHED")
         elif issubclass(exc_type, KeyboardInterrupt):
@@ -318,17 +314,7 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        new: dict[str, str] = {}
-        for raw_key, raw_value in flat.items():
-            key, value = _key(raw_key), _truncate(raw_value, MAX_PARAM_VALUE)
-            old = self._params.get(key, new.get(key))
-            if old is None:
-                new[key] = value
-            elif old != value:
-                raise NernError(
-                    f"MLflow run {self.run_id} already has param {key}={old!r}, not {value!r}; "
-                    "resume with the original config or start a new run"
-                )
+        new = _params_to_log(self._params, flat, self.run_id)
         for batch in _chunks(list(new.items()), PARAMS_PER_BATCH):
             params = [Param(k, v) for k, v in batch]
             _retry(lambda: self._client.log_batch(self.run_id, params=params), "log params")
@@ -372,11 +358,8 @@ class Tracker:
         local = Path(path)
         if not local.exists():
             raise NernError(f"cannot log artifact {local}: it does not exist; run the stage that writes it")
-        if local.is_dir():
-            call = lambda: self._client.log_artifacts(self.run_id, str(local), artifact_path)  # noqa: E731
-        else:
-            call = lambda: self._client.log_artifact(self.run_id, str(local), artifact_path)  # noqa: E731
-        _retry(call, f"log artifact {local}")
+        log = self._client.log_artifacts if local.is_dir() else self._client.log_artifact
+        _retry(lambda: log(self.run_id, str(local), artifact_path), f"log artifact {local}")
 
     def _active(self) -> bool:
         if not self.enabled:
@@ -384,6 +367,21 @@ class Tracker:
         if self._client is None or self.run_id is None:
             raise RuntimeError("Tracker used outside its `with` block (call start() first)")
         return True
+
+
+def _params_to_log(logged: Mapping[str, str], flat: Mapping[str, Any], run_id: str | None) -> dict[str, str]:
+    """The params of `flat` not yet logged (MLflow keys and lengths); a changed value is refused, since MLflow
+    cannot change a logged param."""
+    new: dict[str, str] = {}
+    for raw_key, raw_value in flat.items():
+        key, value = _key(raw_key), _truncate(raw_value, MAX_PARAM_VALUE)
+        old = logged.get(key, new.get(key))
+        if old is None:
+            new[key] = value
+        elif old != value:
+            raise NernError(f"MLflow run {run_id} already has param {key}={old!r}, not {value!r}; "
+                            "resume with the original config or start a new run")
+    return new
 
 
 # ------------------------------------------------------------------------------------------ store calls
