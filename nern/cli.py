@@ -100,17 +100,40 @@ def cmd_permute(args: argparse.Namespace) -> None:
 
     cfg = load_config(FitConfig, args.config, args.set, base=model_base(args.model))
     model = models.load_model(cfg.model)
+    start = time.perf_counter()
+    if args.mode == SYMMETRY:
+        model, report = _permute_network(args, cfg, model)
     layers = find_conv_layers(model, cfg.represent)
     weights = conv_weights(model, layers)
-    start = time.perf_counter()
-    perms = compute_permutations(weights, args.mode, method=args.method, progress=not args.quiet)
+    mode = "none" if args.mode == SYMMETRY else args.mode
+    perms = compute_permutations(weights, mode, method=args.method, progress=not args.quiet)
     seconds = time.perf_counter() - start
     quality = chain_quality_of_positions(weights, perms)
     meta = {"mode": args.mode, "method": args.method, "layers": [layer.name for layer in layers],
             "shapes": [[layer.shape[0], layer.shape[1]] for layer in layers], "seconds": seconds}
     save_permutations(args.out, perms, meta)
-    write_json(Path(args.out).with_suffix(".json"), {**meta, "chain_quality": quality})
+    summary = {**meta, "chain_quality": quality, **({"symmetry": report} if args.mode == SYMMETRY else {})}
+    write_json(Path(args.out).with_suffix(".json"), summary)
     print(f"[permute] {args.mode}: {len(layers)} layers in {seconds:.1f}s, chain quality {quality:.4f} -> {args.out}")
+
+
+SYMMETRY = "symmetry"
+
+
+def _permute_network(args: argparse.Namespace, cfg: FitConfig, model: Any) -> tuple[Any, dict[str, Any]]:
+    """--mode symmetry: permute the network itself along its weight-space symmetries (nern.symmetry), written
+    to --model-out; the fit then uses that network with identity coordinates, so nothing is stored."""
+    import dataclasses
+
+    from nern import models
+    from nern.symmetry import symmetry_permute
+
+    if not args.model_out:
+        raise NernError("--mode symmetry writes a permuted copy of the network: pass --model-out model.safetensors "
+                        "(and fit that network with this permutation file)")
+    permuted, report = symmetry_permute(model, cfg.represent)
+    models.save_model(permuted, args.model_out, config=dataclasses.replace(cfg.model, checkpoint=None))
+    return permuted, report
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
@@ -184,7 +207,10 @@ def _add_permute(sub: Any) -> None:
     p = sub.add_parser("permute", help="compute coordinate permutations of the represented layers")
     add_stage_arguments(p, "output .safetensors file (a .json summary is written beside it)")
     p.add_argument("--model", required=True, help="model checkpoint (.safetensors from pretrain/import, or a .th file)")
-    p.add_argument("--mode", required=True, choices=PERMUTATIONS)
+    p.add_argument("--mode", required=True, choices=(*PERMUTATIONS, SYMMETRY),
+                   help="coordinate permutation (none, infilter, crossfilter), or symmetry: permute the network "
+                        "itself, at no storage cost (needs --model-out)")
+    p.add_argument("--model-out", help="with --mode symmetry: where to write the permuted network (.safetensors)")
     p.add_argument("--method", default="auto", help="chain search: auto, greedy (the paper's), or a fast method")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_permute)

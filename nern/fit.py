@@ -81,7 +81,8 @@ def _positions(layers: list[ConvLayer], permutation: str | Path | list[torch.Ten
         shapes = [(layer.shape[0], layer.shape[1]) for layer in layers]
         positions, meta = perm_mod.load_permutations(permutation, expected_shapes=shapes)
         mode = meta.get("mode", "unknown")
-        return positions, mode, 0 if mode == "none" else perm_mod.permutation_bytes(positions)
+        # symmetry: the network itself was permuted (nern.symmetry); its identity coordinates cost nothing
+        return positions, mode, 0 if mode in ("none", "symmetry") else perm_mod.permutation_bytes(positions)
     positions = list(permutation)
     return positions, "custom", perm_mod.permutation_bytes(positions)
 

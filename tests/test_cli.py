@@ -222,3 +222,30 @@ def test_a_rerun_job_stays_one_mlflow_run_and_the_uri_comes_from_the_environment
     runs = client.search_runs([client.get_experiment_by_name("nern").experiment_id])
     assert sorted(r.data.params["predictor.hidden"] for r in runs) == ["12", "16"]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_permute_symmetry_writes_an_equivalent_network_that_costs_no_bytes(tmp_path, grey_model, capsys):
+    """--mode symmetry permutes the network itself: same function, identity coordinates, 0 bytes to store."""
+    from nern.config import FitConfig
+    from nern.fit import _positions
+    from nern.layers import find_conv_layers
+    from nern.models import load_model, model_overrides
+
+    out, permuted = tmp_path / "perm.safetensors", tmp_path / "permuted.safetensors"
+    assert main(["permute", "--model", str(grey_model), "--mode", "symmetry", "--out", str(out), "--quiet"]) == 2
+    assert "--model-out" in capsys.readouterr().err and not out.exists()
+    assert main(["permute", "--model", str(grey_model), "--mode", "symmetry", "--out", str(out),
+                 "--model-out", str(permuted), "--quiet"]) == 0
+    original = load_model(ModelConfig(**model_overrides(str(grey_model))["model"])).eval()
+    rebuilt = load_model(ModelConfig(**model_overrides(str(permuted))["model"])).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), original(x), rtol=1e-5, atol=1e-5)
+    moved = [name for name, w in rebuilt.state_dict().items() if not torch.equal(w, original.state_dict()[name])]
+    assert moved, "the symmetry permutation left every tensor in place"
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["mode"] == "symmetry" and summary["symmetry"]["permutation_bytes"] == 0
+    layers = find_conv_layers(rebuilt, FitConfig().represent)
+    positions, mode, cost = _positions(layers, out)
+    assert (mode, cost) == ("symmetry", 0)
+    assert all(torch.equal(p, torch.arange(len(p))) for p in positions)
