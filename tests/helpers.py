@@ -68,3 +68,15 @@ def save_resnet8(path: Path, in_channels: int = 1, seed: int = 0) -> Path:
 def grey_model(tmp_path_factory) -> Path:
     """A one-channel ResNet8 checkpoint, built once per test module."""
     return save_resnet8(tmp_path_factory.mktemp("model") / "model.safetensors")
+
+
+class Recorder:
+    """A tracker that remembers every point it was sent."""
+
+    run_id = "test"
+
+    def __init__(self) -> None:
+        self.points: list[tuple[str, int, float]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.points += [(name, step, value) for name, value in metrics.items()]

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 import faults
-from test_workflow import REPO, SNAKEFILE, TEST_CONFIG, TRACKED_RULES, job_counts, output, run_in, tail
+from test_workflow import REPO, SNAKEFILE, TRACKED_RULES, job_counts, one_chain_config, output, run_in, tail
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -48,13 +48,8 @@ RUNNING = "RUNNING"
 def chaos_config(path: Path) -> Path:
     """The tiny preset trimmed to one chain per stage (pretrain, 2 permutations, 2 fits, compress, importance,
     tables: 8 jobs, run twice), with checkpoints every few iterations (pretrain ~38 iterations, fits 16)."""
-    config = yaml.safe_load(TEST_CONFIG.read_text())
+    config = one_chain_config()
     network = config["networks"][0]
-    network["grid"]["permutations"] = ["none", "crossfilter"]
-    network["reference"] = {"permutation": "crossfilter"}
-    network.pop("regularisation", None)
-    network["ablations"] = []
-    network["data_free"] = {}
     network["original"]["set"]["checkpoint_every"] = 8
     network["fit"]["checkpoint_every"] = 4
     path.write_text(yaml.safe_dump(config))

@@ -15,6 +15,8 @@ import torch
 from nern.checkpoint import Preempted
 from nern.loop import History, LoopPlan, TrainingLoop, clear_resume_state, write_curves
 
+from helpers import Recorder
+
 TRUE_W = torch.tensor([1.0, -2.0, 0.5])
 
 
@@ -56,18 +58,6 @@ class Regression:
         with torch.no_grad():
             self.w.copy_(state["w"])
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-class Recorder:
-    """A tracker that remembers every point it was sent."""
-
-    run_id = "test"
-
-    def __init__(self) -> None:
-        self.points: list[tuple[str, int, float]] = []
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.points += [(name, step, value) for name, value in metrics.items()]
 
 
 PLAN = LoopPlan("toy", total=20, log_every=1, eval_every=5, checkpoint_every=6, progress=False)

@@ -12,23 +12,13 @@ from nern.artifacts import load_tensors
 from nern.config import PretrainConfig, load_config
 from nern.pretrain import Pretraining, pretrain
 
-from helpers import fashion_mnist_root  # noqa: F401 (fixture)
+from helpers import Recorder, fashion_mnist_root  # noqa: F401 (fixture)
 
 TIMING = {"wall_seconds", "seconds_per_iteration"}
 
 
 class Killed(Exception):
     """Stands for SIGKILL: nothing after it is saved or logged."""
-
-
-class Recorder:
-    run_id = "test"
-
-    def __init__(self) -> None:
-        self.points: list[tuple[str, int, float]] = []
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.points += [(name, step, value) for name, value in metrics.items()]
 
 
 def tiny_pretrain(root) -> PretrainConfig:

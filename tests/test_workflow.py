@@ -337,16 +337,22 @@ def check_report(html: str, workdir: Path, preset: str) -> None:
     assert "{{ snakemake" not in html
 
 
-def slurm_config(path: Path) -> Path:
-    """The tiny preset trimmed to one chain per stage, so the Slurm run stays short."""
+def one_chain_config() -> dict:
+    """The tiny preset trimmed to one chain per stage (pretrain, 2 permutations, 2 fits, compress, importance,
+    tables), for the runs that must stay short."""
     config = yaml.safe_load(TEST_CONFIG.read_text())
-    config["name"] = "slurm"
     network = config["networks"][0]
     network["grid"]["permutations"] = ["none", "crossfilter"]
     network["reference"] = {"permutation": "crossfilter"}
     network.pop("regularisation", None)
     network["ablations"] = []
     network["data_free"] = {}
+    return config
+
+
+def slurm_config(path: Path) -> Path:
+    config = one_chain_config()
+    config["name"] = "slurm"
     path.write_text(yaml.safe_dump(config))
     return path
 
