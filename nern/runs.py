@@ -109,9 +109,9 @@ def stage_run(args: argparse.Namespace, stage: str, params: Mapping[str, Any],
     results = result_params(params, non_result_keys)
     with stage_tracker(args, stage, config_digest(results)) as tracker:
         tracker.log_params(results if tracker.resumed else params)
-        if data is not None and tracker.enabled:
-            log_data(tracker, stage, data, data_free, params.get("seed"))
         yield tracker
+        if data is not None and tracker.enabled:  # after the work: a loader may have unpacked the files only now
+            log_data(tracker, stage, data, data_free, params.get("seed"))
 
 
 def log_data(tracker: Tracker, stage: str, data: DataConfig, data_free: bool, seed: Any = None) -> None:
