@@ -87,12 +87,15 @@ def error_maps(originals: list[torch.Tensor], reconstructed: list[torch.Tensor],
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Rank correlation (ties broken by position: fine for continuous errors and norms)."""
-    ra = torch.argsort(torch.argsort(a.reshape(-1).double())).double()
-    rb = torch.argsort(torch.argsort(b.reshape(-1).double())).double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = (ra.norm() * rb.norm()).item()
-    return float((ra @ rb).item() / denom) if denom else float("nan")
+    """Spearman's rank correlation (scipy: ties get their average rank); NaN when either side is constant."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
+    x, y = a.reshape(-1).double().numpy(), b.reshape(-1).double().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant input: scipy warns and returns NaN, which is the answer
+        return float(spearmanr(x, y).statistic)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import json
 
 import pytest
@@ -105,3 +106,11 @@ def test_importance_stage_on_real_data(fitted_resnet8, tmp_path):
     worst = min(float(r["top1"]) for r in rows if float(r["sparsity"]) == 0.9)
     assert worst < metrics["original_top1"] - 5
     assert "nern_minus_magnitude/unstructured/0.5" in metrics and metrics["direction"].startswith("prune highest")
+
+
+def test_spearman_averages_ties_and_is_nan_for_a_constant_side():
+    a = torch.tensor([1.0, 2.0, 2.0, 3.0])
+    b = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    # average ranks (1, 2.5, 2.5, 4) vs (1, 2, 3, 4): 4.5 / sqrt(4.5 * 5); position-broken ties would give 1.0
+    assert I.spearman(a, b) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert math.isnan(I.spearman(torch.ones(5), b.repeat(2)[:5]))
