@@ -64,20 +64,27 @@ def run_in(workdir: Path, configfile: Path, profile: str, timeout_s: int, *extra
                      cwd=workdir, timeout_s=timeout_s)
 
 
-def finished_runs(workdir: Path, experiment: str) -> list:
+def job_runs(workdir: Path, experiment: str) -> list:
+    """Every job's MLflow run; the preset's one parent run (which only groups them) is checked and left out."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
     found = client.get_experiment_by_name(experiment)
     assert found is not None, f"no MLflow experiment {experiment!r}"
-    return [r for r in client.search_runs([found.experiment_id], max_results=1000) if r.info.status == "FINISHED"]
+    runs = client.search_runs([found.experiment_id], max_results=1000)
+    parents = [r for r in runs if "nern.parent" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", f"{len(parents)} parent runs"
+    jobs = [r for r in runs if "nern.parent" not in r.data.tags]
+    assert {r.data.tags.get("mlflow.parentRunId") for r in jobs} == {parents[0].info.run_id}, "a job outside the parent"
+    return jobs
+
+
+def finished_runs(workdir: Path, experiment: str) -> list:
+    return [r for r in job_runs(workdir, experiment) if r.info.status == "FINISHED"]
 
 
 def all_runs(workdir: Path, experiment: str) -> int:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
-    return len(client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000))
+    return len(job_runs(workdir, experiment))
 
 
 def check_outputs(workdir: Path, preset: str, counts: dict[str, int]) -> None:
