@@ -30,7 +30,8 @@ from nern import compress, importance, tables
 from nern.checkpoint import Preempted
 from nern.config import PERMUTATIONS, FitConfig, PretrainConfig, flatten, load_config, to_dict
 from nern.errors import NernError
-from nern.runs import add_stage_arguments, log_outputs, model_base, stage_run
+from nern.models import model_overrides
+from nern.runs import add_stage_arguments, log_outputs, stage_run
 
 # -- stages ------------------------------------------------------------------------------------------------
 
@@ -98,7 +99,7 @@ def cmd_permute(args: argparse.Namespace) -> None:
     from nern.layers import conv_weights, find_conv_layers
     from nern.permutation import chain_quality_of_positions, compute_permutations, save_permutations
 
-    cfg = load_config(FitConfig, args.config, args.set, base=model_base(args.model))
+    cfg = load_config(FitConfig, args.config, args.set, base=model_overrides(args.model))
     model = models.load_model(cfg.model)
     start = time.perf_counter()
     if args.mode == SYMMETRY:
@@ -139,7 +140,7 @@ def _permute_network(args: argparse.Namespace, cfg: FitConfig, model: Any) -> tu
 def cmd_fit(args: argparse.Namespace) -> None:
     from nern.fit import NON_RESULT_KEYS, clear_resume_state, fit
 
-    cfg = load_config(FitConfig, args.config, args.set, base=model_base(args.model))
+    cfg = load_config(FitConfig, args.config, args.set, base=model_overrides(args.model))
     if args.permutation and not Path(args.permutation).is_file():
         raise NernError(f"permutation file not found: {args.permutation}; run `nern permute` first")
     out = Path(args.out)
@@ -163,7 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from nern.layers import conv_weights
     from nern.reconstruct import reconstructed_model
 
-    cfg = load_config(FitConfig, args.config, args.set, base=model_base(args.model))
+    cfg = load_config(FitConfig, args.config, args.set, base=model_overrides(args.model))
     model = models.load_model(cfg.model)
     predictor, rep, _ = load_predictor(args.predictor, model)
     fit_cfg = load_config(FitConfig, base=read_metadata(args.predictor).get("config", {}))

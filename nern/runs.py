@@ -138,23 +138,16 @@ def log_outputs(tracker: Tracker, out: Path, metrics: Mapping[str, Any], files: 
 # -- inputs ------------------------------------------------------------------------------------------------
 
 
-def model_base(model_path: str | None) -> dict[str, Any]:
-    """Model settings `--model` stands for (a checkpoint's stored config, an arch or a factory reference), so a
-    user need not repeat them."""
-    from nern.models import model_overrides
-
-    return model_overrides(model_path)
-
-
 def fitted_config(args: argparse.Namespace) -> FitConfig:
     """The fit's own config (data, embedding, losses) from the predictor file, then --model, --config, --set."""
     from nern.artifacts import read_metadata
+    from nern.models import model_overrides
 
     stored = read_metadata(args.predictor).get("config")
     if not isinstance(stored, dict):
         raise NernError(f"{args.predictor} holds no fit config; pass the predictor.safetensors written by `nern fit`")
     base = copy.deepcopy(stored)
-    base["model"] = {**base.get("model", {}), **model_base(args.model).get("model", {})}
+    base["model"] = {**base.get("model", {}), **model_overrides(args.model).get("model", {})}
     return load_config(FitConfig, args.config, args.set, base=base)
 
 
