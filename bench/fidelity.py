@@ -86,6 +86,7 @@ def child(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         train_seconds += time.perf_counter() - tick
         point = fitter.evaluate()
+        point.setdefault("test_top1", fitter.test_top1())  # a fit evaluates the test set only at its end
         point["iteration"] = target  # distillation iterations; train_seconds includes the rec-only phase
         point["train_seconds"] = train_seconds
         point["loss"] = losses

@@ -164,6 +164,9 @@ class FitConfig:
     # cheaper than an iteration; they have their own cosine schedule (peak optim.rec_only_lr), and the optimiser
     # state is reset when distillation starts. `iterations`/`epochs` count the distillation schedule only.
     rec_only_iterations: int = 0
+    # Kernels per reconstruction-only step (a fresh uniform subset each step; null: all of them). Only those rows
+    # go through the predictor, so a step costs batch/N of a full one: many more, cheaper steps per second.
+    rec_only_batch: int | None = None
     data_free: bool = False  # distil on U[-2, 2] noise in normalised input space instead of task images
     eval_every: int = 200
     checkpoint_every: int = 100
@@ -416,6 +419,9 @@ def validate(cfg: Any) -> None:
             _require(cfg.optim.rec_only_lr > 0, "optim.rec_only_lr",
                      f"must be > 0 or null (use optim.lr), got {cfg.optim.rec_only_lr}")
         _require(cfg.rec_only_iterations >= 0, "rec_only_iterations", f"must be >= 0, got {cfg.rec_only_iterations}")
+        if cfg.rec_only_batch is not None:
+            _require(cfg.rec_only_batch >= 1, "rec_only_batch",
+                     f"must be >= 1 or null (all kernels), got {cfg.rec_only_batch}")
         _require(cfg.iterations is not None or cfg.epochs is not None, "iterations", "set iterations or epochs")
         if cfg.iterations is not None:
             _require(cfg.iterations >= 0, "iterations", "must be >= 0")

@@ -96,7 +96,7 @@ class Splits:
     """train / val (carved from train, never from test) / test."""
 
     train: ImageSet | FolderSet
-    val: ImageSet | FolderSet
+    val: ImageSet | FolderSet | None  # None when data.val_size is 0
     test: ImageSet | FolderSet
 
 
@@ -440,8 +440,8 @@ def build_splits(cfg: DataConfig, seed: int) -> Splits:
     train_idx, val_idx = _val_indices(len(full), cfg.val_size, seed)
     train = _subset(full, train_idx)
     val = _subset(full, val_idx)
-    return Splits(train, _subset(val, _limit_indices(len(val), cfg.eval_limit)),
-                  _subset(test, _limit_indices(len(test), cfg.eval_limit)))
+    val = _subset(val, _limit_indices(len(val), cfg.eval_limit)) if cfg.val_size else None  # 0: no split
+    return Splits(train, val, _subset(test, _limit_indices(len(test), cfg.eval_limit)))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,7 +29,13 @@ from nern.errors import NernError
 from nern.evaluate import layer_errors, size_report, top_k_accuracy
 from nern.layers import ConvLayer, conv_weights, find_conv_layers
 from nern.loop import CHECKPOINT_FILE, History, LoopPlan, TrainingLoop, clear_resume_state, write_curves
-from nern.objective import LossWeights, distillation_terms, nern_objective, reconstruction_term
+from nern.objective import (
+    LossWeights,
+    distillation_terms,
+    kernel_reconstruction_term,
+    nern_objective,
+    reconstruction_term,
+)
 from nern.predictor import Predictor
 from nern.reconstruct import (
     NetworkPair,
@@ -133,6 +139,9 @@ DEPARTURES = (
               "reconstruct first, without images (a few times cheaper per step), on its own cosine schedule peaking "
               "at optim.rec_only_lr; the optimiser's moments are reset when distillation starts, since they belong "
               "to a far smaller gradient (ResNet20: norm ~0.01 at the end of the phase, ~400 once distilling)"),
+    Departure("rec_only_batch", None,
+              "each reconstruction-only step fits a fresh uniform subset of the kernels, and only those go through "
+              "the predictor: a step costs batch/N of a full one (the phase is minibatch regression)"),
     Departure("loss.rec_space", "raw",
               "the reconstruction error in units of each layer's weight std, so layers with small weights are "
               "learnt as well as those with large ones"),
@@ -156,6 +165,41 @@ def departures(cfg: FitConfig) -> dict[str, Any]:
     """The departures `cfg` switches on, with their values."""
     flat = flatten(to_dict(cfg))
     return {d.key: flat[d.key] for d in DEPARTURES if flat[d.key] != d.paper}
+
+
+@dataclass
+class KernelRows:
+    """The reconstruction targets as rows of the kernel matrix, in the space L_rec is measured in (rec_space),
+    for reconstruction-only steps on a subset of kernels (rec_only_batch)."""
+
+    targets: torch.Tensor  # [N, k*k]
+    factor: torch.Tensor  # [N, 1]: predictor output -> that space (the layer's stored scale, times 1/std)
+    mask: torch.Tensor  # [N, k*k]: 0 on the zero padding of kernels smaller than k x k
+    sampler: KernelSampler  # a fresh uniform subset of rec_only_batch rows per step
+
+    def select(self, embeddings: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        if rows is None:
+            return embeddings, self.targets, self.factor, self.mask
+        return embeddings[rows], self.targets[rows], self.factor[rows], self.mask[rows]
+
+    def term(self, predictor: nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
+        """L_rec of this step's rows, only those rows through the predictor."""
+        rows = self.sampler.sample()
+        emb, target, factor, mask = self.select(embeddings, rows.to(self.targets.device) if rows is not None else None)
+        return kernel_reconstruction_term(predictor(emb).float() * factor, target, mask)
+
+
+def kernel_rows(cfg: FitConfig, setup: FitSetup, layer_weights: list[float] | None,
+                device: torch.device) -> KernelRows:
+    counts = torch.tensor([layer.num_kernels for layer in setup.rep.layers])
+    per_row = torch.repeat_interleave(torch.tensor(layer_weights or [1.0] * len(counts)), counts).unsqueeze(1)
+    scales = setup.rep.kernel_scales()
+    factor = per_row if scales is None else per_row * scales
+    mask = weights_to_kernels([torch.ones_like(w) for w in setup.originals], setup.rep.kernel_size)
+    sampler = KernelSampler("random_batch", cfg.rec_only_batch, setup.rep.offsets, setup.targets.norm(dim=1),
+                            seed=cfg.seed)
+    return KernelRows((setup.targets * per_row.to(setup.targets)).to(device), factor.to(device), mask.to(device),
+                      sampler)
 
 
 def distillation_weights(cfg: FitConfig, iteration: int) -> tuple[float, float]:
@@ -258,6 +302,24 @@ def top1(forward: Any, imageset: Any, cfg: FitConfig, device: torch.device) -> f
     return top_k_accuracy(forward, batches, (1,), device)["top1"]
 
 
+class Scorer:
+    """The accuracies a fit reports: validation while fitting (the test set costs twice as much and must not steer
+    anything), validation and test at the end; the test set every time when there is no validation split."""
+
+    def __init__(self, cfg: FitConfig, setup: FitSetup, device: torch.device):
+        self.cfg, self.s, self.device = cfg, setup, device
+
+    def top1(self, weights: list[torch.Tensor] | None, split: str) -> float:
+        """The original (weights None) or the network with these reconstructed weights, on one split."""
+        model, rep = self.s.model, self.s.rep
+        forward = model if weights is None else (lambda x: run_reconstructed(model, rep, weights, x))
+        return top1(forward, getattr(self.s.splits, split), self.cfg, self.device)
+
+    def measure(self, weights: list[torch.Tensor] | None, final: bool) -> dict[str, float]:
+        splits = ["test"] if self.s.splits.val is None else ["val", "test"] if final else ["val"]
+        return {f"{split}_top1": self.top1(weights, split) for split in splits}
+
+
 # -- the fit -----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -297,6 +359,10 @@ class Fitter:
         self.originals = [w.to(self.device) for w in setup.originals]
         self.recipe = Recipe(cfg, setup.originals)
         self.rec_targets = self.recipe.rec_targets(self.originals)
+        # rec_only_batch: the reconstruction-only steps see a fresh subset of kernel rows each (KernelRows)
+        self.rec_rows = (kernel_rows(cfg, setup, self.recipe.rec_layer_weights, self.device)
+                         if cfg.rec_only_batch else None)
+        self.scorer = Scorer(cfg, setup, self.device)
         scales = setup.rep.kernel_scales()
         self.scales = scales.to(self.device) if scales is not None else None
         self.iteration = 0
@@ -335,16 +401,27 @@ class Fitter:
                 kd, fmd = self._distil(weights, x, teacher_logits, teacher_maps, lam.kd > 0, lam.fmd > 0)
         return Terms(nern_objective(lam, rec, kd, fmd), rec, kd, fmd)
 
-    def step(self) -> dict[str, float]:
-        if self.recipe.restarts_optimizer(self.iteration):
-            self.optimizer.state.clear()
-        lam = self.recipe.loss_weights(self.iteration)
+    def kernel_rows_objective(self, lam: LossWeights) -> Terms:
+        """A reconstruction-only step on `rec_only_batch` kernel rows: only those go through the predictor."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
+            rec = self.rec_rows.term(self.forward_predictor, self.s.embeddings)
+        zero = rec.new_zeros(())
+        return Terms(nern_objective(lam, rec, zero, zero), rec, zero, zero)
+
+    def full_objective(self, lam: LossWeights) -> Terms:
         sampled = self.sampler.sample()
         if sampled is not None:
             sampled = sampled.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
             weights = self.predict_weights(sampled)
-        terms = self.objective(weights, lam)
+        return self.objective(weights, lam)
+
+    def step(self) -> dict[str, float]:
+        if self.recipe.restarts_optimizer(self.iteration):
+            self.optimizer.state.clear()
+        lam = self.recipe.loss_weights(self.iteration)
+        minibatch = self.rec_rows is not None and self.iteration < self.cfg.rec_only_iterations
+        terms = self.kernel_rows_objective(lam) if minibatch else self.full_objective(lam)
         if not torch.isfinite(terms.loss):
             raise NernError(f"the loss became {terms.loss.item()} at iteration {self.iteration}; lower optim.lr "
                             "or check the original weights for NaN/inf")
@@ -363,42 +440,42 @@ class Fitter:
     def reconstructed_weights(self) -> list[torch.Tensor]:
         return [w.float() for w in self.predict_weights(None)]
 
-    def _accuracy(self, forward: Any, imageset: Any) -> float:
-        return top1(forward, imageset, self.cfg, self.device)
-
     def evaluate(self, weights: list[torch.Tensor] | None = None) -> dict[str, float]:
-        """The reconstructed network's accuracies and L_rec; remembered when best on val (select_best_on_val)."""
+        """The reconstructed network's accuracies (Scorer: validation while fitting, the test set at the end) and
+        L_rec; remembered when best on validation (select_best_on_val), which then gets its test pass at the end."""
         weights = weights if weights is not None else self.reconstructed_weights()
-        forward = lambda x: run_reconstructed(self.s.model, self.s.rep, weights, x)  # noqa: E731
-        result = {"iteration": self.iteration, "test_top1": self._accuracy(forward, self.s.splits.test)}
-        if self.s.splits.val is not None:
-            result["val_top1"] = self._accuracy(forward, self.s.splits.val)
-        result["rec_rmse"] = float(reconstruction_term(weights, self.originals))
+        final = self.iteration >= self.total
+        result: dict[str, Any] = {"iteration": self.iteration, **self.scorer.measure(weights, final),
+                                  "rec_rmse": float(reconstruction_term(weights, self.originals))}
         if self.cfg.select_best_on_val and "val_top1" in result:
             if self.best is None or result["val_top1"] > self.best["val_top1"]:
                 self.best = {**result, "state": copy.deepcopy(self.predictor.state_dict())}
+            if final and "test_top1" not in self.best:
+                self.best["test_top1"] = self.scorer.top1(weights_of_state(self, self.best["state"]), "test")
         return result
+
+    def test_top1(self) -> float:
+        """The current iterate on the test set (benchmarks that stop a fit early report it)."""
+        return self.scorer.top1(self.reconstructed_weights(), "test")
 
     def evaluate_original(self) -> dict[str, float]:
-        result = {"test_top1": self._accuracy(self.s.model, self.s.splits.test)}
-        if self.s.splits.val is not None:
-            result["val_top1"] = self._accuracy(self.s.model, self.s.splits.val)
-        return result
+        return self.scorer.measure(None, final=True)
 
     # -- state --------------------------------------------------------------------------------------------
+    def _stateful(self) -> dict[str, Any]:
+        """Everything the next step depends on, by checkpoint key."""
+        parts = {"predictor": self.predictor, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                 "sampler": self.sampler, "stream": self.stream}
+        return {**parts, "rec_sampler": self.rec_rows.sampler} if self.rec_rows is not None else parts
+
     def state_dict(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "predictor": self.predictor.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "sampler": self.sampler.state_dict(), "stream": self.stream.state_dict(), "best": self.best,
-                "original_acc": self.original_acc}
+        return {"iteration": self.iteration, **{k: part.state_dict() for k, part in self._stateful().items()},
+                "best": self.best, "original_acc": self.original_acc}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iteration = state["iteration"]
-        self.predictor.load_state_dict(state["predictor"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.stream.load_state_dict(state["stream"])
+        for key, part in self._stateful().items():
+            part.load_state_dict(state[key])
         self.best, self.original_acc = state["best"], state["original_acc"]
 
     def training_loop(self) -> TrainingLoop:
@@ -417,6 +494,17 @@ class Fitter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@torch.no_grad()
+def weights_of_state(fitter: Fitter, state: dict[str, Any]) -> list[torch.Tensor]:
+    """The reconstructed weights of a stored predictor state (the fitter's own is left as it was)."""
+    current = copy.deepcopy(fitter.predictor.state_dict())
+    fitter.predictor.load_state_dict(state)
+    try:
+        return fitter.reconstructed_weights()
+    finally:
+        fitter.predictor.load_state_dict(current)
 
 
 # -- the run -----------------------------------------------------------------------------------------------

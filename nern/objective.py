@@ -41,6 +41,12 @@ def reconstruction_term(predicted: list[torch.Tensor], targets: list[torch.Tenso
     return reconstruction_loss([w.float() * r for w, r in zip(predicted, layer_weights)], targets)
 
 
+def kernel_reconstruction_term(predicted: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_rec on rows of the kernel matrix: the RMSE over the `mask`ed (real, not zero-padded) entries. On every row
+    it equals `reconstruction_term` on the placed weights; on a subset it is that RMSE's minibatch estimate."""
+    return torch.sqrt(((predicted.float() - targets) ** 2 * mask).sum() / mask.sum())
+
+
 def distillation_terms(student_logits: torch.Tensor, student_maps: list[torch.Tensor], teacher_logits: torch.Tensor,
                        teacher_maps: list[torch.Tensor], temperature: float, use_kd: bool,
                        use_fmd: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -349,9 +349,20 @@ def _read_curves(run_dir: str | Path) -> pd.DataFrame | None:
     return pd.read_csv(path)
 
 
+def accuracy_column(curves: pd.DataFrame) -> str | None:
+    """The curve's accuracy column: validation when the fit had a split (a fit measures the test set only at its
+    end), else test."""
+    for column in ("eval_val_top1", "eval_test_top1"):
+        if column in curves and curves[column].notna().sum() > 1:
+            return column
+    return "eval_test_top1" if "eval_test_top1" in curves and curves["eval_test_top1"].notna().any() else None
+
+
 def plot_network_curves(rows: pd.DataFrame, network: str, path: str | Path) -> None:
-    """Loss and test accuracy against iteration for a network's main-grid fits."""
+    """Loss and accuracy (validation when measured during the fit) against iteration for a network's main-grid
+    fits."""
     plt = _pyplot()
+    split = "test"
     part = rows[(rows["group"] == "main") & (rows["network"] == network)]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
     for row in part.to_dict("records"):
@@ -364,10 +375,12 @@ def plot_network_curves(rows: pd.DataFrame, network: str, path: str | Path) -> N
         if "loss" in curves and curves["loss"].notna().any():
             loss = curves[["iteration", "loss"]].dropna()
             ax_loss.plot(loss["iteration"], loss["loss"].clip(lower=1e-12), label=label, linewidth=1)
-        if "eval_test_top1" in curves and curves["eval_test_top1"].notna().any():
-            acc = curves[["iteration", "eval_test_top1"]].dropna()
-            ax_acc.plot(acc["iteration"], acc["eval_test_top1"], marker="o", markersize=3, label=label)
-    if not part.empty:
+        column = accuracy_column(curves)
+        if column is not None:
+            acc = curves[["iteration", column]].dropna()
+            ax_acc.plot(acc["iteration"], acc[column], marker="o", markersize=3, label=label)
+            split = column.removeprefix("eval_").removesuffix("_top1")
+    if not part.empty and split == "test":  # the original's validation accuracy is not in the rows
         ax_acc.axhline(float(part["original_top1"].iloc[0]), color="grey", linestyle="--", linewidth=1,
                        label="original")
         fig.suptitle(f"{part['task'].iloc[0]} {part['arch'].iloc[0]}: NeRN training curves")
@@ -375,7 +388,7 @@ def plot_network_curves(rows: pd.DataFrame, network: str, path: str | Path) -> N
     ax_loss.set_xlabel("iteration")
     ax_loss.set_title("training loss")
     ax_acc.set_xlabel("iteration")
-    ax_acc.set_ylabel("test top-1 (%)")
+    ax_acc.set_ylabel(f"{split} top-1 (%)")
     ax_acc.set_title("reconstructed network")
     for ax in (ax_loss, ax_acc):
         if ax.lines:

@@ -119,7 +119,7 @@ def check_outputs(workdir: Path, preset: str, counts: dict[str, int]) -> None:
 
 
 @pytest.mark.parametrize("preset", ["config.yaml", "config/test.yaml", "config/paper.yaml",
-                                    "config/cifar10-public.yaml"])
+                                    "config/cifar10-public.yaml", "config/cifar10-cpu.yaml"])
 @pytest.mark.slow
 def test_every_preset_builds_its_whole_dag_offline(preset: str) -> None:
     config = yaml.safe_load((REPO / preset).read_text())
