@@ -352,10 +352,7 @@ def _read_curves(run_dir: str | Path) -> pd.DataFrame | None:
 def accuracy_column(curves: pd.DataFrame) -> str | None:
     """The curve's accuracy column: validation when the fit had a split (a fit measures the test set only at its
     end), else test."""
-    for column in ("eval_val_top1", "eval_test_top1"):
-        if column in curves and curves[column].notna().sum() > 1:
-            return column
-    return "eval_test_top1" if "eval_test_top1" in curves and curves["eval_test_top1"].notna().any() else None
+    return next((c for c in ("eval_val_top1", "eval_test_top1") if c in curves and curves[c].notna().any()), None)
 
 
 def plot_network_curves(rows: pd.DataFrame, network: str, path: str | Path) -> None:
@@ -380,9 +377,10 @@ def plot_network_curves(rows: pd.DataFrame, network: str, path: str | Path) -> N
             acc = curves[["iteration", column]].dropna()
             ax_acc.plot(acc["iteration"], acc[column], marker="o", markersize=3, label=label)
             split = column.removeprefix("eval_").removesuffix("_top1")
-    if not part.empty and split == "test":  # the original's validation accuracy is not in the rows
-        ax_acc.axhline(float(part["original_top1"].iloc[0]), color="grey", linestyle="--", linewidth=1,
-                       label="original")
+    if not part.empty:
+        if split == "test":  # the original's validation accuracy is not in the rows
+            ax_acc.axhline(float(part["original_top1"].iloc[0]), color="grey", linestyle="--", linewidth=1,
+                           label="original")
         fig.suptitle(f"{part['task'].iloc[0]} {part['arch'].iloc[0]}: NeRN training curves")
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("iteration")
