@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up the project environment: .venv with the pinned dependencies (pip install -e '.[test]') and,
-# when running as root with apt, Debian's Fashion-MNIST files. Idempotent: a rerun with an unchanged
+# Set up the project environment: .venv with the pinned dependencies (pip install -e '.[test,codec]'),
+# NNCodec (the meta-compression baseline; built from its sdist with --no-deps, see below) and, when running
+# as root with apt, Debian's Fashion-MNIST files. Idempotent: a rerun with an unchanged
 # pyproject.toml skips pip (stamp file in .venv keyed by the hash of pyproject.toml and the Python version).
 #   bash setup.sh            # PYTHON=python3.11 bash setup.sh to choose the interpreter
 set -euo pipefail
@@ -11,6 +12,8 @@ VENV=.venv
 STAMP=$VENV/.nern-setup-stamp
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
 DONE=()
+# nncodec 2.1.3 pins numpy<2 but runs with ours (nern/nnc.py); its runtime imports are the `codec` extra.
+NNCODEC=nncodec==2.1.3
 
 say() { echo "[setup] $*"; }
 
@@ -34,7 +37,7 @@ make_venv() {
 
 stamp_key() {
   # Whatever changes the installed set: the pins (pyproject.toml) and the interpreter.
-  { cat pyproject.toml; "$VENV/bin/python" -VV; } | sha256sum | cut -d' ' -f1
+  { cat pyproject.toml; echo "$NNCODEC"; "$VENV/bin/python" -VV; } | sha256sum | cut -d' ' -f1
 }
 
 install_packages() {
@@ -47,11 +50,24 @@ install_packages() {
   fi
   # torch/torchvision come from pip's configured index: the machine's local wheel mirror where there is
   # one (/etc/xdg/pip), plain PyPI elsewhere (a CUDA build of several GB on x86_64 Linux).
-  say "pip install -e '.[test]' (first time: minutes, torch is large)"
+  say "pip install -e '.[test,codec]' (first time: minutes, torch is large)"
   local t=$(date +%s)
-  PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install --progress-bar off -q -e '.[test]'
+  PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install --progress-bar off -q -e '.[test,codec]'
+  DONE+=("pip install -e .[test,codec] ($(( $(date +%s) - t )) s)")
+  install_nncodec
   echo "$key" > "$STAMP"
-  DONE+=("pip install -e .[test] ($(( $(date +%s) - t )) s)")
+}
+
+install_nncodec() {
+  # --no-deps: its numpy<2 pin would downgrade numpy; it compiles a C++ extension (deepCABAC, ~1-2 min).
+  local t=$(date +%s)
+  say "pip install --no-deps $NNCODEC (builds its C++ entropy coder)"
+  if PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install --progress-bar off -q --no-deps "$NNCODEC" \
+     && "$VENV/bin/python" -c 'from nncodec import nnc' 2>/dev/null; then
+    DONE+=("installed $NNCODEC ($(( $(date +%s) - t )) s)")
+  else
+    say "warning: $NNCODEC did not build or import (needs a C++17 compiler); nern compress --nncodec-qps and its tests are unavailable"
+  fi
 }
 
 install_fashion_mnist() {

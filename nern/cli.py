@@ -28,7 +28,7 @@ from typing import Any
 
 from nern import compress, importance, tables
 from nern.checkpoint import Preempted
-from nern.config import PERMUTATIONS, FitConfig, PretrainConfig, flatten, load_config, to_dict
+from nern.config import NETWORK_PERMUTATIONS, PERMUTATIONS, FitConfig, PretrainConfig, flatten, load_config, to_dict
 from nern.errors import NernError
 from nern.models import model_overrides
 from nern.runs import add_stage_arguments, log_outputs, stage_run
@@ -118,7 +118,7 @@ def cmd_permute(args: argparse.Namespace) -> None:
     print(f"[permute] {args.mode}: {len(layers)} layers in {seconds:.1f}s, chain quality {quality:.4f} -> {args.out}")
 
 
-SYMMETRY = "symmetry"
+SYMMETRY = NETWORK_PERMUTATIONS[0]
 
 
 def _permute_network(args: argparse.Namespace, cfg: FitConfig, model: Any) -> tuple[Any, dict[str, Any]]:

@@ -8,7 +8,10 @@ general-purpose compressor would do to the original network anyway. So every var
 - a NeRN file holds the predictor (pruned and/or quantised), the permutations, the per-layer scales and every
   tensor NeRN does not represent;
 - the same tensor codecs write the baselines (the ORIGINAL network at fp32/fp16/intN, magnitude-pruned at the
-  same sparsities), so both sides pay for the same things under the same lossless compressor (zstd or lzma).
+  same sparsities), so both sides pay for the same things under the same lossless compressor (zstd or lzma);
+- NNCodec (`nern.nnc`, the ISO/IEC 15938-17 codec a user would pick instead) writes the original network at a
+  grid of quantisation parameters, and the predictor with the verbatim tensors ("nern+nnc": its bitstream plus
+  a container with the permutations and scales; the row's bytes are both files').
 
 Every accuracy in the table is measured on a network rebuilt from the file READ BACK from disk, starting from
 a freshly initialised skeleton, so nothing of the original network can leak into a NeRN row.
@@ -16,7 +19,9 @@ a freshly initialised skeleton, so nothing of the original network can leak into
 The predictor is pruned by weight magnitude (Linear weights, not biases; `nern.pruning`), globally or per
 layer, then optionally fine-tuned with the fit's own losses (`nern.fit.Fitter`) with the mask held fixed
 (gradients of pruned weights are zeroed and the mask is re-applied after every step), on task images or on
-noise (data-free), and finally quantised.
+noise (data-free), and finally quantised. Post-training quantisation below 8 bits destroys a predictor, so
+`qat_bits` adds quantisation-aware fine-tunes (`nern.qat`: learnt steps, straight-through rounding, the fit's
+objective, the pruning mask held) whose integers and steps the file stores exactly.
 """
 
 from __future__ import annotations
@@ -43,8 +48,11 @@ from nern.fit import NON_RESULT_KEYS, Fitter, decode_weights, prepare
 from nern.layers import ConvLayer, conv_weights
 from nern.losses import reconstruction_loss
 from nern.models import build_model
+from nern.nnc import available as nnc_available
+from nern.nnc import float_tensors, read_nnc, write_nnc
 from nern.plots import pyplot, save_figure
 from nern.predictor import Predictor
+from nern.qat import MAX_BITS, MIN_BITS, attach_quantisers, detach_quantisers, learnt_steps
 from nern.pruning import (
     SCOPES,
     apply_masks,
@@ -74,28 +82,60 @@ def finetune_config(cfg: FitConfig, iterations: int, lr: float, data_free: bool)
     )
 
 
-def finetune_pruned(predictor: Predictor, masks: dict[str, torch.Tensor], cfg: FitConfig, model: nn.Module,
-                    rep: Representation, splits: Any, iterations: int, lr: float, data_free: bool,
-                    out_dir: Path, progress: bool = False) -> Predictor:
-    """Fine-tune with `nern.fit.Fitter`, keeping pruned weights at exactly zero; returns a fresh predictor."""
+def _masked_parameters(predictor: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    """Each mask's parameter; a quantised Linear keeps its float weight under `parametrizations.weight.original`."""
+    params = dict(predictor.named_parameters())
+    found = {}
+    for name in masks:
+        module, _, attr = name.rpartition(".")
+        found[name] = params[name] if name in params else params[f"{module}.parametrizations.{attr}.original"]
+    return found
+
+
+def finetune_predictor(predictor: Predictor, masks: dict[str, torch.Tensor], cfg: FitConfig, model: nn.Module,
+                       rep: Representation, splits: Any, iterations: int, lr: float, data_free: bool,
+                       out_dir: Path, progress: bool = False,
+                       qat_bits: int | None = None) -> tuple[Predictor, dict[str, torch.Tensor]]:
+    """Fine-tune with `nern.fit.Fitter`, keeping pruned weights at exactly zero and, with `qat_bits`, training
+    through the quantiser (`nern.qat`); returns a fresh predictor and the learnt steps ({} without QAT)."""
     ft_cfg = finetune_config(cfg, iterations, lr, data_free)
     setup = prepare(ft_cfg, model=model, permutation=rep.positions, splits=splits)
     setup.rep.scales = rep.scales  # the file's scales, not a recomputation
     fitter = Fitter(ft_cfg, setup, out_dir)
     fitter.predictor.load_state_dict(predictor.state_dict())
-    params = dict(fitter.predictor.named_parameters())
+    if qat_bits:
+        attach_quantisers(fitter.predictor, qat_bits)
+        fitter.rebuild_optimizer()  # the steps are parameters too
+    params = _masked_parameters(fitter.predictor, masks)
     device_masks = {name: m.to(fitter.device, params[name].dtype) for name, m in masks.items()}
     hooks = [params[name].register_hook(lambda g, m=m: g * m) for name, m in device_masks.items()]
-    apply_masks(fitter.predictor, device_masks)
-    mode = "data-free" if data_free else "data"
+    _apply(params, device_masks)
+    mode = ("quantisation-aware " if qat_bits else "") + ("data-free" if data_free else "data")
     for _ in tqdm(range(iterations), desc=f"fine-tune ({mode})", disable=not progress, leave=False):
         fitter.step()
-        apply_masks(fitter.predictor, device_masks)  # the optimiser's weight decay / lookahead must not revive them
+        _apply(params, device_masks)  # the optimiser's weight decay / lookahead must not revive them
     for hook in hooks:
         hook.remove()
+    fitter.close()
+    steps = learnt_steps(fitter.predictor)
+    detach_quantisers(fitter.predictor)  # weights = the integers times the steps: what the file stores
     tuned = copy.deepcopy(predictor).cpu()
     tuned.load_state_dict({k: v.detach().cpu() for k, v in fitter.predictor.state_dict().items()})
-    return tuned.eval()
+    return tuned.eval(), steps
+
+
+@torch.no_grad()
+def _apply(params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]) -> None:
+    for name, mask in masks.items():
+        params[name].mul_(mask)
+
+
+def finetune_pruned(predictor: Predictor, masks: dict[str, torch.Tensor], cfg: FitConfig, model: nn.Module,
+                    rep: Representation, splits: Any, iterations: int, lr: float, data_free: bool,
+                    out_dir: Path, progress: bool = False) -> Predictor:
+    """`finetune_predictor` without quantisation: the pruned predictor fine-tuned."""
+    return finetune_predictor(predictor, masks, cfg, model, rep, splits, iterations, lr, data_free, out_dir,
+                              progress)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,9 +155,18 @@ def _position_dtype(n: int) -> torch.dtype:
     return torch.int16 if n <= 1 << 15 else torch.int32
 
 
+def tensor_precision(t: torch.Tensor, precision: str, vectors: str) -> str:
+    """Integer codecs leave 1-D tensors (biases, BatchNorm) in float: `vectors` says fp32 or fp16 there."""
+    return vectors if precision.startswith("int") and t.dim() < 2 and t.is_floating_point() else precision
+
+
 def encode_nern(predictor: Predictor, masks: dict[str, torch.Tensor], precision: str, rep: Representation,
-                embedding: EmbeddingConfig, model: nn.Module) -> Encoded:
-    """Predictor (pruned and/or quantised), permutations, per-layer scales and every tensor NeRN does not represent."""
+                embedding: EmbeddingConfig, model: nn.Module, *, steps: dict[str, torch.Tensor] | None = None,
+                verbatim_precision: str | None = None, vectors: str = "fp32",
+                parts: tuple[str, ...] = ("predictor", "verbatim")) -> Encoded:
+    """Predictor (pruned and/or quantised, at its learnt `steps` if any), permutations, per-layer scales and
+    every tensor NeRN does not represent (at `verbatim_precision`, default `precision`). `parts` leaves the
+    predictor and/or verbatim tensors out when another codec (NNCodec) carries them."""
     linears = [m for m in predictor if isinstance(m, nn.Linear)]
     enc = Encoded.empty("nern", {
         "model": _model_meta(model),
@@ -127,8 +176,11 @@ def encode_nern(predictor: Predictor, masks: dict[str, torch.Tensor], precision:
         "layers": [{"name": layer.name, "shape": list(layer.shape)} for layer in rep.layers],
         "identity_permutations": [],
     })
-    for name, t in predictor.state_dict().items():
-        enc.add(f"predictor.{name}", t, precision, "predictor", masks.get(name))
+    steps = steps or {}
+    if "predictor" in parts:
+        for name, t in predictor.state_dict().items():
+            enc.add(f"predictor.{name}", t, tensor_precision(t, precision, vectors), "predictor", masks.get(name),
+                    steps.get(name))
     for i, (layer, pos) in enumerate(zip(rep.layers, rep.positions)):
         if torch.equal(pos.long(), torch.arange(layer.num_kernels)):
             enc.meta["identity_permutations"].append(i)  # the identity costs nothing to store
@@ -136,19 +188,24 @@ def encode_nern(predictor: Predictor, masks: dict[str, torch.Tensor], precision:
             enc.add(f"permutation.{i}", pos.to(_position_dtype(layer.num_kernels)), "fp32", "permutation")
     if rep.scales is not None:
         enc.add("scales", rep.scales.float(), "fp32", "scales")
-    represented = {layer.param for layer in rep.layers}
-    for name, t in model.state_dict().items():
-        if name not in represented:
-            enc.add(f"verbatim.{name}", t, precision, "verbatim")
+    if "verbatim" in parts:
+        for name, t in verbatim_state(model, rep).items():
+            enc.add(f"verbatim.{name}", t, tensor_precision(t, verbatim_precision or precision, vectors), "verbatim")
     return enc
 
 
-def encode_network(model: nn.Module, masks: dict[str, torch.Tensor], precision: str) -> Encoded:
+def verbatim_state(model: nn.Module, rep: Representation) -> dict[str, torch.Tensor]:
+    """Every tensor of the network that NeRN does not represent (BatchNorm, FC, unrepresented convs)."""
+    represented = {layer.param for layer in rep.layers}
+    return {name: t for name, t in model.state_dict().items() if name not in represented}
+
+
+def encode_network(model: nn.Module, masks: dict[str, torch.Tensor], precision: str, vectors: str = "fp32") -> Encoded:
     """The original network's whole state dict (the baselines), pruned entries masked out."""
     enc = Encoded.empty("network", {"model": _model_meta(model)})
     for name, t in model.state_dict().items():
         part = "weights" if t.is_floating_point() and t.dim() >= 2 else "other"
-        enc.add(f"state.{name}", t, precision, part, masks.get(name))
+        enc.add(f"state.{name}", t, tensor_precision(t, precision, vectors), part, masks.get(name))
     return enc
 
 
@@ -189,10 +246,13 @@ def decode_representation(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     return Representation(layers, positions, meta["predictor"]["kernel_size"], tensors.get("scales"))
 
 
-def read_network(path: str | Path, skeleton: nn.Module | None = None) -> nn.Module:
-    """Rebuild a network from a NeRN or original-network file; uses nothing but the file (and the architecture)."""
+def read_network(path: str | Path, skeleton: nn.Module | None = None, nnc_path: str | Path | None = None) -> nn.Module:
+    """Rebuild a network from a NeRN or original-network file (plus, for a NeRN whose predictor and verbatim
+    tensors went through NNCodec, that bitstream); uses nothing but the files (and the architecture)."""
     path = Path(path)
     tensors, meta = read_container(path)
+    if nnc_path is not None:
+        tensors.update(read_nnc(nnc_path))
     network = _skeleton(meta, skeleton, path)
     if meta["kind"] == "network":
         state = {k.removeprefix("state."): v for k, v in tensors.items()}
@@ -205,7 +265,19 @@ def read_network(path: str | Path, skeleton: nn.Module | None = None) -> nn.Modu
         weights = decode_weights(predictor, rep, FitConfig(embedding=embedding))
     for layer, w in zip(rep.layers, weights):
         state[layer.param] = w
-    return _load_strict(network, state, path)
+    return _load_strict(network, _with_integer_buffers(network, state), path)
+
+
+def read_nnc_network(path: str | Path, skeleton: nn.Module) -> nn.Module:
+    """The original network from an NNCodec bitstream of its float tensors (integer buffers start at zero)."""
+    return _load_strict(skeleton, _with_integer_buffers(skeleton, read_nnc(path)), Path(path))
+
+
+def _with_integer_buffers(network: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Integer buffers NNCodec does not code (BatchNorm's step count: unused in eval) as zeros of their shape."""
+    missing = {k: torch.zeros_like(v) for k, v in network.state_dict().items()
+               if k not in state and not v.is_floating_point()}
+    return {**state, **missing}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,6 +294,13 @@ class CompressOptions:
     finetune_lr: float | None = None  # None: a fifth of the fit's peak learning rate
     compressor: str = "zstd"
     keep_files: bool = True
+    vectors: str = "fp32"  # 1-D tensors (biases, BatchNorm) of every integer-coded file: fp32 or fp16
+    qat_bits: list[int] = dataclasses.field(default_factory=list)  # quantisation-aware fine-tunes, one per width
+    qat_iterations: int | None = None  # None: the fit's distillation iterations, within [50, 2000]
+    nncodec_qps: list[int] = dataclasses.field(default_factory=list)  # NNCodec on the original and the predictor
+
+
+VECTOR_PRECISIONS = ("fp32", "fp16")
 
 
 def check_options(opts: CompressOptions) -> None:
@@ -235,6 +314,19 @@ def check_options(opts: CompressOptions) -> None:
             raise NernError(f"{name} {bad[0] if bad else '(none)'!r} is not allowed; choose from {', '.join(allowed)}")
     if opts.compressor not in COMPRESSORS:
         raise NernError(f"unknown compressor {opts.compressor!r}; choose one of {', '.join(COMPRESSORS)}")
+    if opts.vectors not in VECTOR_PRECISIONS:
+        raise NernError(f"--vectors {opts.vectors!r} is not allowed; choose from {', '.join(VECTOR_PRECISIONS)}")
+    bad_bits = [b for b in opts.qat_bits if not MIN_BITS <= b <= MAX_BITS]
+    if bad_bits:
+        raise NernError(f"--qat-bits {bad_bits[0]} is outside [{MIN_BITS}, {MAX_BITS}]; pass widths such as 4,3")
+    if opts.qat_iterations is not None and opts.qat_iterations < 1:
+        raise NernError(f"--qat-iterations {opts.qat_iterations} must be at least 1")
+    bad_qps = [q for q in opts.nncodec_qps if not -80 <= q <= 0]
+    if bad_qps:
+        raise NernError(f"--nncodec-qps {bad_qps[0]} is outside [-80, 0] (lower is finer); pass e.g. -38,-26,-16")
+    if opts.nncodec_qps and not nnc_available():
+        raise NernError("--nncodec-qps needs NNCodec, which is not installed: run `bash setup.sh` (it installs "
+                        "nncodec==2.1.3 with --no-deps) or leave --nncodec-qps empty")
 
 
 @dataclass
@@ -253,15 +345,40 @@ class Bench:
         """Write the file, read it back into a fresh network, measure accuracy there."""
         path = self.files / f"{_label(row)}{FILE_SUFFIX}"
         sizes = write_container(path, enc, self.opts.compressor)
-        network = read_network(path)
+        return self._score(read_network(path), row, {"file": path.name, **sizes}, [path])
+
+    def measure_nnc(self, tensors: dict[str, torch.Tensor], row: dict[str, Any], enc: Encoded | None = None,
+                    skeleton: nn.Module | None = None) -> dict[str, Any]:
+        """`tensors` through NNCodec at the row's qp; a NeRN's other parts (`enc`) in a container beside it. The
+        bytes are both files'; the network is rebuilt from both read back."""
+        nnc_path = self.files / f"{_label(row)}.nnc"
+        nnc_bytes = write_nnc(nnc_path, float_tensors(tensors), row["qp"])
+        if enc is None:
+            sizes = {"file": nnc_path.name, "bytes": nnc_bytes, "nnc_bytes": nnc_bytes}
+            return self._score(read_nnc_network(nnc_path, skeleton), row, sizes, [nnc_path])
+        path = self.files / f"{_label(row)}{FILE_SUFFIX}"
+        sizes = write_container(path, enc, self.opts.compressor)
+        sizes = {**sizes, "file": f"{path.name}+{nnc_path.name}", "container_bytes": sizes["bytes"],
+                 "nnc_bytes": nnc_bytes, "bytes": sizes["bytes"] + nnc_bytes}
+        return self._score(read_network(path, nnc_path=nnc_path), row, sizes, [path, nnc_path])
+
+    def _score(self, network: nn.Module, row: dict[str, Any], sizes: dict[str, Any],
+               paths: list[Path]) -> dict[str, Any]:
         rebuilt = conv_weights(network, self.layers)
         rmse = reconstruction_loss([w.float() for w in rebuilt], [o.float() for o in self.originals])
-        row = {**row, "file": path.name, **sizes, "top1": _accuracy(network, self.splits, self.cfg),
-               "rec_rmse": float(rmse)}
+        row = {**row, **sizes, "top1": _accuracy(network, self.splits, self.cfg), "rec_rmse": float(rmse)}
         if not self.opts.keep_files:
-            path.unlink()
+            for path in paths:
+                path.unlink()
         self.bar.update(1)
         return row
+
+
+def fresh_skeleton(model: nn.Module) -> nn.Module:
+    """A network of the model's architecture to load a file into: built anew from its config when it has one,
+    else a copy whose every tensor the file overwrites (integer buffers zeroed)."""
+    meta = _model_meta(model)
+    return _skeleton({"model": meta}, None if meta else copy.deepcopy(model).cpu(), Path("(model)"))
 
 
 def default_finetune_iterations(cfg: FitConfig, splits: Any) -> int:
@@ -303,6 +420,25 @@ def baseline_variants(opts: CompressOptions) -> list[tuple[float, str]]:
     return variants
 
 
+def default_qat_iterations(cfg: FitConfig, splits: Any) -> int:
+    """As long as the fit's distillation phase, within [50, 2000]: the quantiser steps must settle."""
+    fit_iterations = cfg.iterations
+    if fit_iterations is None:
+        fit_iterations = math.ceil((cfg.epochs or 1) * max(1, len(splits.train) // cfg.data.batch_size))
+    return int(min(2000, max(50, fit_iterations)))
+
+
+def qat_variants(opts: CompressOptions) -> list[tuple[float, str, int]]:
+    """(sparsity, scope, bits) of every quantisation-aware fine-tune."""
+    points = dict.fromkeys((s, scope) for s, scope, _ in nern_variants(opts))  # ordered, without fine-tune kinds
+    return [(s, scope, bits) for s, scope in points for bits in opts.qat_bits]
+
+
+def count_files(opts: CompressOptions) -> int:
+    plain = (len(nern_variants(opts)) + len(baseline_variants(opts))) * len(opts.precisions)
+    return plain + len(qat_variants(opts)) + 2 * len(opts.nncodec_qps)
+
+
 def run_compress(model: nn.Module, predictor: Predictor, rep: Representation, cfg: FitConfig, splits: Any,
                  out: str | Path, opts: CompressOptions) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every NeRN variant and baseline as a file, measured from the file read back; writes the table and figure."""
@@ -311,34 +447,88 @@ def run_compress(model: nn.Module, predictor: Predictor, rep: Representation, cf
     start = time.perf_counter()
     originals = conv_weights(model, rep.layers)
     iterations = opts.finetune_iterations or default_finetune_iterations(cfg, splits)
+    qat_iterations = opts.qat_iterations or default_qat_iterations(cfg, splits)
     lr = opts.finetune_lr or cfg.optim.lr / 5
     original_top1 = _accuracy(model, splits, cfg)
-    jobs = len(nern_variants(opts)) + len(baseline_variants(opts))
-    bar = tqdm(total=jobs * len(opts.precisions), desc="compress", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=count_files(opts), desc="compress", disable=not cfg.progress, dynamic_ncols=True)
     bench = Bench(out / "files", opts, splits, cfg, originals, rep.layers, bar)
-    rows = nern_rows(bench, model, predictor, rep, iterations, lr, out) + baseline_rows(bench, model)
+    schedule = FineTunes(iterations, qat_iterations, lr, out)
+    rows = (nern_rows(bench, model, predictor, rep, schedule) + qat_rows(bench, model, predictor, rep, schedule)
+            + nern_nnc_rows(bench, model, predictor, rep) + baseline_rows(bench, model)
+            + nnc_baseline_rows(bench, model))
     bar.close()
     add_comparisons(rows, original_top1, opts)
     metrics = summary_metrics(rows, original_top1, opts, iterations, lr, time.perf_counter() - start)
+    metrics["qat_iterations"] = qat_iterations if opts.qat_bits else 0
     write_outputs(out, rows, metrics, cfg)
     return rows, metrics
 
 
-def nern_rows(bench: Bench, model: nn.Module, predictor: Predictor, rep: Representation, iterations: int,
-              lr: float, out: Path) -> list[dict[str, Any]]:
+@dataclass
+class FineTunes:
+    """How long and how fast every fine-tune of the stage runs, and where its scratch state goes."""
+
+    iterations: int
+    qat_iterations: int
+    lr: float
+    out: Path
+
+
+def _row(representation: str, sparsity: float, scope: str, finetune: str, precision: str,
+         masks: dict[str, torch.Tensor], iterations: int, **extra: Any) -> dict[str, Any]:
+    return {"representation": representation, "sparsity": sparsity, "scope": scope, "finetune": finetune,
+            "precision": precision, "achieved_sparsity": mask_sparsity(masks) if masks else 0.0,
+            "finetune_iterations": iterations, **extra}
+
+
+def nern_rows(bench: Bench, model: nn.Module, predictor: Predictor, rep: Representation,
+              schedule: FineTunes) -> list[dict[str, Any]]:
     """The predictor pruned, fine-tuned and quantised as each variant asks, each written as a NeRN file."""
-    cfg, rows = bench.cfg, []
-    for sparsity, scope, ft in nern_variants(bench.opts):
+    cfg, opts, rows = bench.cfg, bench.opts, []
+    for sparsity, scope, ft in nern_variants(opts):
         pruned, masks = pruned_predictor(predictor, sparsity, scope if sparsity else "global")
         if ft != "none":
-            pruned = finetune_pruned(pruned, masks, cfg, model, rep, bench.splits, iterations, lr, ft == "data-free",
-                                     out, cfg.progress)
-        for precision in bench.opts.precisions:
-            base = {"representation": "nern", "sparsity": sparsity, "scope": scope, "finetune": ft,
-                    "precision": precision, "achieved_sparsity": mask_sparsity(masks) if masks else 0.0,
-                    "finetune_iterations": iterations if ft != "none" else 0}
-            rows.append(bench.measure(encode_nern(pruned, masks, precision, rep, cfg.embedding, model), base))
+            pruned = finetune_pruned(pruned, masks, cfg, model, rep, bench.splits, schedule.iterations, schedule.lr,
+                                     ft == "data-free", schedule.out, cfg.progress)
+        for precision in opts.precisions:
+            base = _row("nern", sparsity, scope, ft, precision, masks, schedule.iterations if ft != "none" else 0)
+            enc = encode_nern(pruned, masks, precision, rep, cfg.embedding, model, vectors=opts.vectors)
+            rows.append(bench.measure(enc, base))
     return rows
+
+
+def qat_rows(bench: Bench, model: nn.Module, predictor: Predictor, rep: Representation,
+             schedule: FineTunes) -> list[dict[str, Any]]:
+    """The predictor (pruned first where asked) fine-tuned through an N-bit quantiser with learnt steps, stored as
+    exactly those integers; the verbatim tensors at int8 (their 1-D ones at `vectors`)."""
+    cfg, opts, rows = bench.cfg, bench.opts, []
+    for sparsity, scope, bits in qat_variants(opts):
+        pruned, masks = pruned_predictor(predictor, sparsity, scope if sparsity else "global")
+        tuned, steps = finetune_predictor(pruned, masks, cfg, model, rep, bench.splits, schedule.qat_iterations,
+                                          schedule.lr, False, schedule.out, cfg.progress, qat_bits=bits)
+        enc = encode_nern(tuned, masks, f"int{bits}", rep, cfg.embedding, model, steps=steps,
+                          verbatim_precision="int8", vectors=opts.vectors)
+        rows.append(bench.measure(enc, _row("nern", sparsity, scope, "qat", f"int{bits}", masks,
+                                            schedule.qat_iterations)))
+    return rows
+
+
+def nern_nnc_rows(bench: Bench, model: nn.Module, predictor: Predictor, rep: Representation) -> list[dict[str, Any]]:
+    """The fitted predictor and the verbatim tensors through NNCodec; permutations and scales in a container."""
+    rows = []
+    tensors = {**{f"predictor.{k}": v for k, v in predictor.state_dict().items()},
+               **{f"verbatim.{k}": v for k, v in verbatim_state(model, rep).items()}}
+    enc = encode_nern(predictor, {}, "fp32", rep, bench.cfg.embedding, model, parts=())
+    for qp in bench.opts.nncodec_qps:
+        rows.append(bench.measure_nnc(tensors, _row("nern+nnc", 0.0, "-", "none", f"nnc{qp}", {}, 0, qp=qp), enc))
+    return rows
+
+
+def nnc_baseline_rows(bench: Bench, model: nn.Module) -> list[dict[str, Any]]:
+    """The original network through NNCodec at each qp: the codec a user would pick instead."""
+    state = copy.deepcopy(model).cpu().state_dict()
+    return [bench.measure_nnc(state, _row("original", 0.0, "-", "none", f"nnc{qp}", {}, 0, qp=qp),
+                              skeleton=fresh_skeleton(model)) for qp in bench.opts.nncodec_qps]
 
 
 def baseline_rows(bench: Bench, model: nn.Module) -> list[dict[str, Any]]:
@@ -348,12 +538,10 @@ def baseline_rows(bench: Bench, model: nn.Module) -> list[dict[str, Any]]:
         weights = prunable_network_weights(cpu_model)
         masks = magnitude_masks(weights, sparsity, scope) if sparsity else {}
         for precision in bench.opts.precisions:
-            base = {"representation": "original", "sparsity": sparsity, "scope": scope, "finetune": "none",
-                    "precision": precision, "achieved_sparsity": mask_sparsity(masks) if masks else 0.0,
-                    "finetune_iterations": 0}
             pruned = copy.deepcopy(cpu_model)
             apply_masks(pruned, masks)
-            rows.append(bench.measure(encode_network(pruned, masks, precision), base))
+            enc = encode_network(pruned, masks, precision, bench.opts.vectors)
+            rows.append(bench.measure(enc, _row("original", sparsity, scope, "none", precision, masks, 0)))
     return rows
 
 
@@ -375,11 +563,14 @@ def summary_metrics(rows: list[dict[str, Any]], original_top1: float, opts: Comp
                                "wall_seconds": seconds}
     for row in rows:
         if row["sparsity"] == 0:
-            key = f"{row['representation']}_{row['precision']}"
+            tuned = f"_{row['finetune']}" if row["finetune"] != "none" else ""
+            key = f"{row['representation']}{tuned}_{row['precision']}"
             metrics[f"{key}_bytes"] = row["bytes"]
             metrics[f"{key}_top1"] = row["top1"]
+    representations = dict.fromkeys(r["representation"] for r in rows)
     metrics["frontier"] = {rep: pareto_front([r for r in rows if r["representation"] == rep])
-                           for rep in ("nern", "original")}
+                           for rep in representations}
+    metrics["frontier"]["all"] = pareto_front(rows)
     return metrics
 
 
@@ -400,7 +591,8 @@ TABLE_COLUMNS = {"representation": "representation", "sparsity": "sparsity", "sc
                  "finetune": "fine-tune", "precision": "precision", "bytes": "bytes on disk",
                  "ratio_vs_original_fp32": "ratio vs original fp32", "top1": "top-1", "delta_top1": "Δ top-1",
                  "predictor_bytes": "predictor bytes", "verbatim_bytes": "verbatim bytes",
-                 "permutation_bytes": "permutation bytes", "weights_bytes": "weights bytes"}
+                 "permutation_bytes": "permutation bytes", "weights_bytes": "weights bytes",
+                 "nnc_bytes": "NNCodec bytes"}
 CSV_FILE, MD_FILE, FIGURE_FILE = "compression.csv", "compression.md", "accuracy_vs_bytes.png"
 METRICS_FILE = "metrics.json"
 
@@ -425,8 +617,15 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], metrics: dict[str, Any]
 
 FAMILY_STYLE = {("nern", "none"): ("tab:blue", "NeRN"), ("nern", "data"): ("tab:green", "NeRN + fine-tune"),
                 ("nern", "data-free"): ("tab:olive", "NeRN + data-free fine-tune"),
+                ("nern", "qat"): ("tab:purple", "NeRN, quantisation-aware"),
+                ("nern+nnc", "none"): ("tab:cyan", "NeRN, predictor via NNCodec"),
                 ("original", "none"): ("tab:red", "original network")}
-PRECISION_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^", "int6": "D", "int4": "v"}
+PRECISION_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^", "int6": "D", "int5": "d", "int4": "v", "int3": "<",
+                     "int2": ">", "nnc": "*"}
+
+
+def _marker_key(precision: str) -> str:
+    return "nnc" if precision.startswith("nnc") else precision
 
 
 def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], original_top1: float, path: Path, compressor: str) -> None:
@@ -438,15 +637,18 @@ def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], original_top1: float, pat
         if not family:
             continue
         for precision, marker in PRECISION_MARKERS.items():
-            pts = [r for r in family if r["precision"] == precision]
+            pts = [r for r in family if _marker_key(r["precision"]) == precision]
             if pts:
                 ax.scatter([r["bytes"] for r in pts], [r["top1"] for r in pts], c=colour, marker=marker, s=28,
                            alpha=0.75, edgecolors="none")
         front = pareto_front(family)
         ax.plot([r["bytes"] for r in front], [r["top1"] for r in front], color=colour, label=name, lw=1.2)
+    overall = pareto_front(rows)
+    ax.plot([r["bytes"] for r in overall], [r["top1"] for r in overall], color="black", lw=2.5, alpha=0.25,
+            label="Pareto front (all files)")
     for precision, marker in PRECISION_MARKERS.items():
-        if any(r["precision"] == precision for r in rows):
-            ax.scatter([], [], c="grey", marker=marker, label=precision)
+        if any(_marker_key(r["precision"]) == precision for r in rows):
+            ax.scatter([], [], c="grey", marker=marker, label="NNCodec qp" if precision == "nnc" else precision)
     ax.axhline(original_top1, color="black", ls=":", lw=1, label=f"original {original_top1:.2f}%")
     ax.set_xscale("log")
     ax.set_xlabel(f"bytes on disk (whole file, {compressor})")
@@ -461,10 +663,19 @@ def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], original_top1: float, pat
 # CLI
 
 
+def comma_ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise NernError(f"{flag} {text!r} is not a comma-separated list of integers, e.g. 4,3") from None
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
     opts = CompressOptions(comma_floats(args.sparsities, "--sparsities"), comma_names(args.scopes),
                            comma_names(args.finetune), comma_names(args.precisions), args.finetune_iterations,
-                           args.finetune_lr, args.compressor, args.keep_files == "all")
+                           args.finetune_lr, args.compressor, args.keep_files == "all", args.vectors,
+                           comma_ints(args.qat_bits, "--qat-bits"), args.qat_iterations,
+                           comma_ints(args.nncodec_qps, "--nncodec-qps"))
     check_options(opts)
     cfg, model, predictor, rep, splits = load_fitted(args)
     out = Path(args.out)
@@ -493,6 +704,14 @@ def register_cli(subparsers: Any, name: str) -> None:
     p.add_argument("--finetune-lr", type=float, help="fine-tune peak learning rate (default: the fit's / 5)")
     p.add_argument("--precisions", default="fp32,fp16,int8,int4", help=f"from {', '.join(PRECISIONS)}")
     p.add_argument("--compressor", default="zstd", choices=list(COMPRESSORS), help="lossless codec on every file")
+    p.add_argument("--vectors", default="fp32", choices=list(VECTOR_PRECISIONS),
+                   help="1-D tensors (biases, BatchNorm) of integer-coded files, NeRN and original alike")
+    p.add_argument("--qat-bits", default="", help="quantisation-aware fine-tunes of the predictor (learnt steps), "
+                   f"one per width in [{MIN_BITS}, {MAX_BITS}], comma-separated, e.g. 4,3 (default: none)")
+    p.add_argument("--qat-iterations", type=int, help="quantisation-aware fine-tune length (default: the fit's "
+                   "distillation iterations, 50..2000)")
+    p.add_argument("--nncodec-qps", default="", help="NNCodec quantisation parameters for the original network and "
+                   "the predictor, comma-separated, e.g. -38,-32,-26,-20,-16,-12 (lower: finer; default: none)")
     p.add_argument("--keep-files", default="all", choices=["all", "none"],
                    help="keep the measured files under OUT/files (none: delete each after measuring)")
     p.set_defaults(func=cmd_compress)

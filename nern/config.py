@@ -29,6 +29,10 @@ PermutationMode = Literal["none", "infilter", "crossfilter"]
 # The one list of coordinate-permutation modes (METHOD.md 6): the CLI, the tables, the workflow and
 # nern.permutation take it from here (this module imports no torch, so the Snakefile can read it cheaply).
 PERMUTATIONS: tuple[str, ...] = get_args(PermutationMode)
+# Permutations of the network itself (nern.symmetry): the fit sees a permuted, equivalent network and identity
+# coordinates, so nothing is stored. The pipeline's grid takes both kinds.
+NETWORK_PERMUTATIONS: tuple[str, ...] = ("symmetry",)
+GRID_PERMUTATIONS: tuple[str, ...] = (*PERMUTATIONS, *NETWORK_PERMUTATIONS)
 
 
 @dataclass

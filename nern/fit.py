@@ -435,6 +435,12 @@ class Fitter:
         return {"loss": terms.loss.item(), "rec": terms.rec.item(), "kd": terms.kd.item(),
                 "fmd": terms.fmd.item(), "lr": lr, "grad_norm": grad_norm.item()}
 
+    def rebuild_optimizer(self) -> None:
+        """A fresh optimiser and schedule over the predictor's parameters as they are now (e.g. with the learnt
+        quantiser steps of `nern.qat` attached)."""
+        self.optimizer = make_optimizer(self.cfg, self.predictor.parameters())
+        self.scheduler = make_scheduler(self.cfg, self.optimizer, self.distillation_total)
+
     # -- evaluation ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def reconstructed_weights(self) -> list[torch.Tensor]:

@@ -362,10 +362,14 @@ def write_manifest(path: str | Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def application_dirs(config: Tree, rows: list[Row]) -> list[str]:
+def application_dirs(config: Tree, rows: list[Row], stage: str | None = None) -> list[str]:
     """The fits meta-compression and weight importance run on: `applications: all`, every distinct fit of the
-    tables; `reference`, each network's reference fit only."""
-    if config.get("applications", "all") == "reference":
+    tables; `reference`, each network's reference fit only; or one of those per stage
+    (`applications: {compress: all, importance: reference}`, a stage left out: all)."""
+    choice = config.get("applications", "all")
+    if isinstance(choice, dict):
+        choice = choice.get(stage, "all")
+    if choice == "reference":
         return sorted({reference_fit(config["name"], net).dir for net in config["networks"]})
     return sorted({row.dir for row in rows})
 
@@ -455,12 +459,13 @@ def fit_run_name(fit: Fit, variant: str = "") -> str:
 
 def stage_options(config: Tree, stage: str) -> str:
     """Options of an application stage from the preset's optional `<stage>:` section, as --kebab-case flags
-    (lists comma-separated); absent: the CLI's defaults."""
+    (lists comma-separated; `--flag=value`, so a value such as -38,-26 is not read as a flag); absent: the
+    CLI's defaults."""
     args = []
     for key, value in (config.get(stage) or {}).items():
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
-        args.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+        args.append(shlex.quote(f"--{key.replace('_', '-')}={value}"))
     return " ".join(args)
 
 

@@ -23,15 +23,16 @@ import pandas as pd
 import yaml
 
 from nern.artifacts import atomic_path, read_json, read_metadata
-from nern.config import PERMUTATIONS, flatten
+from nern.config import GRID_PERMUTATIONS, flatten
 from nern.errors import NernError
 from nern.grid import Manifest
 from nern.table_format import MISSING_MD, format_cell, formatted, to_markdown  # noqa: F401 (re-exported)
 from nern.table_format import is_missing as _is_missing
 from nern.table_format import is_numeric as _numeric
 
-PERMUTATION_ORDER = PERMUTATIONS
-PERMUTATION_COLOURS = {"none": "tab:blue", "infilter": "tab:orange", "crossfilter": "tab:green"}
+PERMUTATION_ORDER = GRID_PERMUTATIONS
+PERMUTATION_COLOURS = {"none": "tab:blue", "infilter": "tab:orange", "crossfilter": "tab:green",
+                       "symmetry": "tab:purple"}
 PRESET_STYLES = ("-", "--", ":", "-.")
 MISSING_TEX = "--"
 

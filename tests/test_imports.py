@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(("__init__", "errors", "artifacts", "config"), 1),
     **dict.fromkeys(("models", "data", "layers", "embedding", "predictor", "reconstruct", "sampling", "losses",
                      "permutation", "feature_maps", "smoothness", "checkpoint", "evaluate", "tracking", "plots",
-                     "codec", "pruning", "table_format", "grid", "symmetry", "loop", "objective"), 2),
+                     "codec", "nnc", "qat", "pruning", "table_format", "grid", "symmetry", "loop", "objective"), 2),
     **dict.fromkeys(("fit", "pretrain"), 3),
     "runs": 4,
     **dict.fromkeys(("compress", "importance"), 5),

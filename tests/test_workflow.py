@@ -119,7 +119,8 @@ def check_outputs(workdir: Path, preset: str, counts: dict[str, int]) -> None:
 
 
 @pytest.mark.parametrize("preset", ["config.yaml", "config/test.yaml", "config/paper.yaml",
-                                    "config/cifar10-public.yaml", "config/cifar10-cpu.yaml"])
+                                    "config/cifar10-public.yaml", "config/cifar10-cpu.yaml",
+                                    "config/cifar10-codec.yaml"])
 @pytest.mark.slow
 def test_every_preset_builds_its_whole_dag_offline(preset: str) -> None:
     config = yaml.safe_load((REPO / preset).read_text())
@@ -136,6 +137,24 @@ def test_every_preset_builds_its_whole_dag_offline(preset: str) -> None:
     if preset == "config/paper.yaml":
         assert {"pretrain", "import_weights", "fit_ablation", "fit_data_free"} <= set(counts)
         assert counts["fit"] >= 4 * 3 * 3  # four networks x three permutations x at least three sizes
+
+
+def test_the_codec_preset_sweeps_every_fit_and_permutes_the_network_for_symmetry() -> None:
+    """config/cifar10-codec.yaml (issue #15): 3 permutations (symmetry from rule permute_network, which writes the
+    permuted network the fits read) x 3 sizes, meta-compression on every fit, importance on the reference only."""
+    preset = "config/cifar10-codec.yaml"
+    config = yaml.safe_load((REPO / preset).read_text())
+    if not (REPO / config["networks"][0]["original"]["checkpoint"]).is_file():
+        pytest.skip(f"{preset} needs {config['networks'][0]['original']['checkpoint']}")
+    done = snakemake(["-n", "--forceall", "--nolock", "--configfile", preset, "--cores", "2", "-p"], cwd=REPO,
+                     timeout_s=300)
+    assert done.returncode == 0, tail(done)
+    assert job_counts(output(done)) == {"import_weights": 1, "permute": 2, "permute_network": 1, "fit": 9,
+                                        "compress": 9, "importance": 1, "manifest": 1, "tables": 1, "all": 1}
+    text = output(done)
+    assert "--mode symmetry" in text and "--model-out" in text
+    assert "permutation/imported/symmetry.model.safetensors --permutation" in text  # the fit reads the permuted net
+    assert "--nncodec-qps=-38,-32,-26,-20,-16,-12" in text
 
 
 def test_the_cpu_cifar_preset_builds_the_issues_design() -> None:
@@ -484,3 +503,25 @@ def test_stage_times_groups_benchmark_files_by_stage(tmp_path: Path) -> None:
     assert table.loc["fit", "jobs"] == 2 and table.loc["fit", "total_s"] == 40.0
     assert table.loc["compress", "total_s"] == 7.0 and table.loc["pretrain / import", "total_s"] == 5.0
     assert table.loc["all stages", "total_s"] == 52.0
+
+
+def test_record_run_copies_tables_figures_and_application_outputs_unchanged(tmp_path: Path) -> None:
+    import runpy
+
+    run, out = tmp_path / "run", tmp_path / "record"
+    files = {"results/tables/p/main.md": "| a |\n", "results/figures/p/acc.png": "png",
+             "results/p/net/fit/x/compress/compression.md": "c", "results/p/net/fit/x/compress/files/a.nernz": "big",
+             "results/p/net/fit/x/importance/pruning.png": "i", "benchmarks/p/net/fit/x.tsv": "s\th:m:s\n12.5\t0:00:12\n"}
+    for name, text in files.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    main = runpy.run_path(str(REPO / "workflow" / "scripts" / "record_run.py"))["main"]
+    assert main(["--preset", "p", "--command", "snakemake x", "--wall-seconds", "600", "--run-dir", str(run),
+                 "--out", str(out)]) == 0
+    assert (out / "tables" / "main.md").read_text() == "| a |\n"
+    assert (out / "figures" / "acc.png").read_text() == "png"
+    assert (out / "net/fit/x/compress/compression.md").read_text() == "c"
+    assert (out / "net/fit/x/importance/pruning.png").is_file()
+    assert not (out / "net/fit/x/compress/files").exists()  # the measured files stay in the run
+    record = (out / "RUN.md").read_text()
+    assert "snakemake x" in record and "10.0 minutes" in record and "12.5" in record

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nern import grid
 from nern.tracking import default_tracking_uri
-from nern.config import PERMUTATIONS
+from nern.config import GRID_PERMUTATIONS, NETWORK_PERMUTATIONS, PERMUTATIONS
 
 REPO = Path(workflow.basedir)
 PRESET = config["name"]
@@ -52,7 +52,7 @@ wildcard_constraints:
     net="|".join(re.escape(network["name"]) for network in config["networks"]) or "[^/]+",
     orig=r"imported|reg[0-9.e+-]+",
     reg=r"[0-9.e+-]+",
-    perm="|".join(PERMUTATIONS),
+    perm="|".join(GRID_PERMUTATIONS),
     hidden=r"[0-9]+",
     fit_preset="|".join(map(re.escape, config["fit_presets"])),
     variant=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",
@@ -71,6 +71,18 @@ def fit_preset_input(wildcards):
 
 def original_model(wildcards):
     return f"{grid.original_dir(PRESET, wildcards.net, wildcards.orig)}/model.safetensors"
+
+
+def network_permuted_model(net, orig, perm):
+    """symmetry: the original permuted along its weight-space symmetries (written by rule permute_network)."""
+    return f"{RESULTS}/{net}/permutation/{orig}/{perm}.model.safetensors"
+
+
+def fitted_model(wildcards):
+    """The network a fit reconstructs: the original, or its permuted equivalent for a network permutation."""
+    if wildcards.perm in NETWORK_PERMUTATIONS:
+        return network_permuted_model(wildcards.net, wildcards.orig, wildcards.perm)
+    return original_model(wildcards)
 
 
 def original_sources(wildcards):

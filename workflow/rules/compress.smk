@@ -5,16 +5,20 @@
 # The helpers below are shared with importance.smk (included after this file).
 
 # A fit directory below results/<preset>/<net>/: fit/..., data-free/... or ablation/<variant>/...
-FIT_POINT = r"(fit|data-free|ablation/[A-Za-z0-9][A-Za-z0-9_.+-]*)/[^/]+/(imported|reg[0-9.e+-]+)/(" + "|".join(PERMUTATIONS) + r")/h[0-9]+"
+FIT_POINT = r"(fit|data-free|ablation/[A-Za-z0-9][A-Za-z0-9_.+-]*)/[^/]+/(imported|reg[0-9.e+-]+)/(" + "|".join(GRID_PERMUTATIONS) + r")/h[0-9]+"
 
 
 def application_outputs(stage, files):
-    return [f"{fit_dir}/{stage}/{name}" for fit_dir in grid.application_dirs(config, ROWS) for name in files]
+    return [f"{fit_dir}/{stage}/{name}" for fit_dir in grid.application_dirs(config, ROWS, stage) for name in files]
 
 
 def application_model(wildcards):
-    """The original network a fit directory's predictor was fitted to (its orig is the third-last part)."""
-    return f"{RESULTS}/{wildcards.net}/original/{wildcards.fitpoint.split('/')[-3]}/model.safetensors"
+    """The network a fit directory's predictor was fitted to (its orig and perm are the third- and second-last
+    parts): the original, or its permuted equivalent for a network permutation."""
+    orig, perm = wildcards.fitpoint.split("/")[-3:-1]
+    if perm in NETWORK_PERMUTATIONS:
+        return network_permuted_model(wildcards.net, orig, perm)
+    return f"{RESULTS}/{wildcards.net}/original/{orig}/model.safetensors"
 
 
 def application_threads(stage):

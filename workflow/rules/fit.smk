@@ -8,7 +8,7 @@ FIT_OUT = f"{RESULTS}/{{net}}/{FIT_SUBDIR}"
 rule fit:
     input:
         preset=fit_preset_input,
-        model=original_model,
+        model=fitted_model,
         permutation=permutation_input,
     output:
         metrics=f"{FIT_OUT}/metrics.json",

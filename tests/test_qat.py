@@ -1,0 +1,157 @@
+"""The quantisation-aware predictor (nern.qat), its file (the codec stores exactly the trained integers) and the
+NNCodec baseline (nern.nnc, skipped where NNCodec is not installed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nern import codec, nnc, qat
+from nern import compress as C
+from nern.config import ModelConfig
+from nern.errors import NernError
+from nern.models import build_model
+from nern.predictor import Predictor
+
+from test_compress import EMBEDDING, tiny_setup
+
+needs_nncodec = pytest.mark.skipif(not nnc.available(), reason="nncodec is not installed (bash setup.sh installs it)")
+
+
+def quantised(bits: int = 3, seed: int = 0) -> Predictor:
+    torch.manual_seed(seed)
+    predictor = Predictor(6 * EMBEDDING.levels, 16)
+    qat.attach_quantisers(predictor, bits)
+    return predictor
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quantised_weights_are_integers_times_the_learnt_step(bits):
+    predictor = quantised(bits)
+    steps = qat.learnt_steps(predictor)
+    assert set(steps) == {f"{i}.weight" for i, m in enumerate(predictor) if isinstance(m, nn.Linear)}
+    levels = 2 ** (bits - 1) - 1
+    for name, step in steps.items():
+        w = predictor.get_submodule(name.rsplit(".", 1)[0]).weight
+        q = w / step[:, None]
+        assert torch.allclose(q, q.round(), atol=1e-4)
+        assert q.abs().max() <= levels + 1e-4
+        assert len(torch.unique(q.round())) <= 2 * levels + 1
+
+
+def test_initial_steps_beat_the_max_abs_step_on_a_heavy_tailed_row():
+    w = torch.randn(4, 500)
+    w[:, 0] = 20.0  # one outlier per row: max |w| / L would waste most levels on it
+    levels = 7
+    learnt = qat.initial_steps(w, levels)
+    naive = w.abs().amax(dim=1) / levels
+
+    def error(step):
+        return ((torch.round(w / step[:, None]).clamp(-levels, levels) * step[:, None] - w) ** 2).sum()
+
+    assert error(learnt) < error(naive)
+
+
+def test_gradients_pass_the_rounding_and_reach_the_steps():
+    predictor = quantised(3)
+    out = predictor(torch.randn(5, 6 * EMBEDDING.levels)).pow(2).sum()
+    out.backward()
+    first = predictor[0].parametrizations.weight
+    assert first.original.grad is not None and first.original.grad.abs().sum() > 0
+    assert first[0].step.grad is not None and first[0].step.grad.abs().sum() > 0
+
+
+def test_bad_bit_width_is_a_clear_error():
+    with pytest.raises(NernError, match="outside"):
+        qat.attach_quantisers(Predictor(8, 4), 1)
+    with pytest.raises(NernError, match="--qat-bits"):
+        C.check_options(C.CompressOptions([0], ["global"], ["none"], ["fp32"], qat_bits=[9]))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_the_file_stores_exactly_the_trained_integers(tmp_path, bits):
+    model, rep, _ = tiny_setup()
+    predictor = quantised(bits)
+    with torch.no_grad():  # a step of training: weights off the grid, steps moved
+        for module in predictor:
+            if isinstance(module, nn.Linear):
+                module.parametrizations.weight.original.add_(0.01 * torch.randn_like(module.weight))
+                module.parametrizations.weight[0].step.mul_(1.1)
+    steps = qat.learnt_steps(predictor)
+    qat.detach_quantisers(predictor)
+    trained = {k: v.clone() for k, v in predictor.state_dict().items()}
+    path = tmp_path / "q.nernz"
+    enc = C.encode_nern(predictor, {}, f"int{bits}", rep, EMBEDDING, model, steps=steps, verbatim_precision="int8",
+                        vectors="fp16")
+    codec.write_container(path, enc)
+    tensors, meta = codec.read_container(path)
+    decoded = C.decode_predictor(tensors, meta).state_dict()
+    for name, value in trained.items():
+        if value.dim() == 2:  # the weights: bit exact up to float rounding of q * step
+            assert torch.allclose(decoded[name], value, rtol=0, atol=1e-6), name
+        else:  # biases as fp16
+            assert torch.allclose(decoded[name], value, rtol=1e-3, atol=1e-4), name
+    assert meta["tensors"]["verbatim.linear.weight"]["codec"] == "int8"
+    assert meta["tensors"]["verbatim.bn1.weight"]["codec"] == "fp16"
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6])
+def test_widths_that_do_not_tile_a_byte_are_stored_one_value_per_byte(bits):
+    values = torch.randint(0, 2 ** bits, (1000,), dtype=torch.uint8)
+    packed = codec.pack_bits(values, bits)
+    assert packed.numel() == 1000
+    assert torch.equal(codec.unpack_bits(packed, bits, 1000), values)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_widths_that_tile_a_byte_are_bit_packed(bits):
+    values = torch.randint(0, 2 ** bits, (1000,), dtype=torch.uint8)
+    packed = codec.pack_bits(values, bits)
+    assert packed.numel() == 1000 * bits // 8
+    assert torch.equal(codec.unpack_bits(packed, bits, 1000), values)
+
+
+def test_nncodec_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(C, "nnc_available", lambda: False)
+    with pytest.raises(NernError, match="setup.sh"):
+        C.check_options(C.CompressOptions([0], ["global"], ["none"], ["fp32"], nncodec_qps=[-26]))
+    with pytest.raises(NernError, match="outside"):
+        C.check_options(C.CompressOptions([0], ["global"], ["none"], ["fp32"], nncodec_qps=[12]))
+
+
+@needs_nncodec
+def test_nncodec_bitstream_round_trip_rebuilds_the_network(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet8", in_channels=1)).eval()
+    path = tmp_path / "m.nnc"
+    fine = nnc.write_nnc(path, nnc.float_tensors(model.state_dict()), -38)
+    assert fine == path.stat().st_size > 0
+    rebuilt = C.read_nnc_network(path, C.fresh_skeleton(model))
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), model(x), atol=0.05 * model(x).abs().max().item())
+    coarse = nnc.write_nnc(tmp_path / "c.nnc", nnc.float_tensors(model.state_dict()), -12)
+    assert coarse < fine
+
+
+@needs_nncodec
+def test_nern_predictor_through_nncodec_reads_back(tmp_path):
+    model, rep, predictor = tiny_setup()
+    tensors = {**{f"predictor.{k}": v for k, v in predictor.state_dict().items()},
+               **{f"verbatim.{k}": v for k, v in C.verbatim_state(model, rep).items()}}
+    nnc_path = tmp_path / "p.nnc"
+    nnc.write_nnc(nnc_path, nnc.float_tensors(tensors), -38)
+    container = tmp_path / "p.nernz"
+    codec.write_container(container, C.encode_nern(predictor, {}, "fp32", rep, EMBEDDING, model, parts=()))
+    rebuilt = C.read_network(container, nnc_path=nnc_path)
+    exact = C.read_network(_fp32_file(tmp_path, predictor, rep, model))
+    for (name, a), b in zip(rebuilt.state_dict().items(), exact.state_dict().values()):
+        if a.is_floating_point():
+            assert torch.allclose(a, b, atol=0.05 * max(b.abs().max().item(), 1e-3)), name
+
+
+def _fp32_file(tmp_path, predictor, rep, model):
+    path = tmp_path / "fp32.nernz"
+    codec.write_container(path, C.encode_nern(predictor, {}, "fp32", rep, EMBEDDING, model))
+    return path
