@@ -57,6 +57,7 @@ from nern.pruning import (
     SCOPES,
     apply_masks,
     magnitude_masks,
+    mask_parameters,
     mask_sparsity,
     prunable_network_weights,
     pruned_predictor,
@@ -109,11 +110,11 @@ def finetune_predictor(predictor: Predictor, masks: dict[str, torch.Tensor], cfg
     params = _masked_parameters(fitter.predictor, masks)
     device_masks = {name: m.to(fitter.device, params[name].dtype) for name, m in masks.items()}
     hooks = [params[name].register_hook(lambda g, m=m: g * m) for name, m in device_masks.items()]
-    _apply(params, device_masks)
+    mask_parameters(params, device_masks)
     mode = ("quantisation-aware " if qat_bits else "") + ("data-free" if data_free else "data")
     for _ in tqdm(range(iterations), desc=f"fine-tune ({mode})", disable=not progress, leave=False):
         fitter.step()
-        _apply(params, device_masks)  # the optimiser's weight decay / lookahead must not revive them
+        mask_parameters(params, device_masks)  # the optimiser's weight decay / lookahead must not revive them
     for hook in hooks:
         hook.remove()
     fitter.close()
@@ -122,12 +123,6 @@ def finetune_predictor(predictor: Predictor, masks: dict[str, torch.Tensor], cfg
     tuned = copy.deepcopy(predictor).cpu()
     tuned.load_state_dict({k: v.detach().cpu() for k, v in fitter.predictor.state_dict().items()})
     return tuned.eval(), steps
-
-
-@torch.no_grad()
-def _apply(params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]) -> None:
-    for name, mask in masks.items():
-        params[name].mul_(mask)
 
 
 def finetune_pruned(predictor: Predictor, masks: dict[str, torch.Tensor], cfg: FitConfig, model: nn.Module,
@@ -381,11 +376,15 @@ def fresh_skeleton(model: nn.Module) -> nn.Module:
     return _skeleton({"model": meta}, None if meta else copy.deepcopy(model).cpu(), Path("(model)"))
 
 
+def fit_iterations(cfg: FitConfig, splits: Any) -> int:
+    """The fit's distillation iterations (its `iterations`, or its epochs in batches)."""
+    if cfg.iterations is not None:
+        return cfg.iterations
+    return math.ceil((cfg.epochs or 1) * max(1, len(splits.train) // cfg.data.batch_size))
+
+
 def default_finetune_iterations(cfg: FitConfig, splits: Any) -> int:
-    fit_iterations = cfg.iterations
-    if fit_iterations is None:
-        fit_iterations = math.ceil((cfg.epochs or 1) * max(1, len(splits.train) // cfg.data.batch_size))
-    return int(min(2000, max(10, round(0.05 * fit_iterations))))
+    return int(min(2000, max(10, round(0.05 * fit_iterations(cfg, splits)))))
 
 
 def _accuracy(network: nn.Module, splits: Any, cfg: FitConfig) -> float:
@@ -422,10 +421,7 @@ def baseline_variants(opts: CompressOptions) -> list[tuple[float, str]]:
 
 def default_qat_iterations(cfg: FitConfig, splits: Any) -> int:
     """As long as the fit's distillation phase, within [50, 2000]: the quantiser steps must settle."""
-    fit_iterations = cfg.iterations
-    if fit_iterations is None:
-        fit_iterations = math.ceil((cfg.epochs or 1) * max(1, len(splits.train) // cfg.data.batch_size))
-    return int(min(2000, max(50, fit_iterations)))
+    return int(min(2000, max(50, fit_iterations(cfg, splits))))
 
 
 def qat_variants(opts: CompressOptions) -> list[tuple[float, str, int]]:

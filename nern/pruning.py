@@ -66,9 +66,13 @@ def prunable_network_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.dim() >= 2}
 
 
-@torch.no_grad()
 def apply_masks(module: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    params = dict(module.named_parameters())
+    mask_parameters(dict(module.named_parameters()), masks)
+
+
+@torch.no_grad()
+def mask_parameters(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+    """Zero the dropped entries of each named tensor (the names may be a parametrised module's, see compress)."""
     for name, mask in masks.items():
         params[name].mul_(mask.to(params[name].device, params[name].dtype))
 
