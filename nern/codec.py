@@ -35,7 +35,7 @@ FORMAT = "nern-compressed/2"  # /2: 3-, 5-, 6-bit values one per byte (/1 bit-pa
 MAGIC = b"NERNZ\x01"
 COMPRESSORS = {"zstd": 1, "lzma": 2}
 ZSTD_LEVEL = 19
-PRECISIONS = ("fp32", "fp16", "int8", "int6", "int5", "int4", "int3", "int2")
+PRECISIONS = ("fp32", "fp16", "int8", "int7", "int6", "int5", "int4", "int3", "int2")
 PACKED_BITS = (1, 2, 4)  # widths that tile a byte exactly
 FILE_SUFFIX = ".nernz"
 

@@ -44,7 +44,7 @@ from nern.codec import COMPRESSORS, FILE_SUFFIX, PRECISIONS, Encoded, read_conta
 from nern.config import EmbeddingConfig, FitConfig, ModelConfig, flatten, to_dict
 from nern.errors import NernError
 from nern.evaluate import top_k_accuracy
-from nern.fit import NON_RESULT_KEYS, Fitter, decode_weights, prepare
+from nern.fit import NON_RESULT_KEYS, Fitter, decode_weights, fitted_steps, prepare
 from nern.layers import ConvLayer, conv_weights
 from nern.losses import reconstruction_loss
 from nern.models import build_model
@@ -78,6 +78,7 @@ def finetune_config(cfg: FitConfig, iterations: int, lr: float, data_free: bool)
     return dataclasses.replace(
         cfg, iterations=iterations, epochs=None, data_free=data_free, eval_every=0, checkpoint_every=0,
         rec_only_iterations=0, compile=False, progress=False, select_best_on_val=False,
+        predictor=dataclasses.replace(cfg.predictor, quantise_bits=None),  # float unless asked (qat_bits)
         loss=dataclasses.replace(cfg.loss, warmup=0),
         optim=dataclasses.replace(cfg.optim, lr=lr, warmup_iterations=0, min_lr=min(cfg.optim.min_lr, lr)),
     )
@@ -436,9 +437,13 @@ def count_files(opts: CompressOptions) -> int:
 
 
 def run_compress(model: nn.Module, predictor: Predictor, rep: Representation, cfg: FitConfig, splits: Any,
-                 out: str | Path, opts: CompressOptions) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every NeRN variant and baseline as a file, measured from the file read back; writes the table and figure."""
+                 out: str | Path, opts: CompressOptions, fitted_steps: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every NeRN variant and baseline as a file, measured from the file read back; writes the table and figure.
+    A predictor fitted quantised (cfg.predictor.quantise_bits, its learnt `fitted_steps`) is also measured at its
+    own width, stored as exactly the fit's integers."""
     check_options(opts)
+    opts = with_fitted_width(opts, cfg.predictor.quantise_bits, fitted_steps)
     out = Path(out)
     start = time.perf_counter()
     originals = conv_weights(model, rep.layers)
@@ -449,7 +454,7 @@ def run_compress(model: nn.Module, predictor: Predictor, rep: Representation, cf
     bar = tqdm(total=count_files(opts), desc="compress", disable=not cfg.progress, dynamic_ncols=True)
     bench = Bench(out / "files", opts, splits, cfg, originals, rep.layers, bar)
     schedule = FineTunes(iterations, qat_iterations, lr, out)
-    rows = (nern_rows(bench, model, predictor, rep, schedule) + qat_rows(bench, model, predictor, rep, schedule)
+    rows = (nern_rows(bench, model, predictor, rep, schedule, fitted_steps or {}) + qat_rows(bench, model, predictor, rep, schedule)
             + nern_nnc_rows(bench, model, predictor, rep) + baseline_rows(bench, model)
             + nnc_baseline_rows(bench, model))
     bar.close()
@@ -477,10 +482,24 @@ def _row(representation: str, sparsity: float, scope: str, finetune: str, precis
             "finetune_iterations": iterations, **extra}
 
 
+def with_fitted_width(opts: CompressOptions, bits: int | None, steps: dict[str, torch.Tensor] | None
+                      ) -> CompressOptions:
+    """The options with the fit's own width among the precisions (a quantised fit's natural file)."""
+    if not bits:
+        return opts
+    if not steps:
+        raise NernError(f"the predictor was fitted at predictor.quantise_bits={bits} but its file holds no learnt "
+                        "steps (steps.*); refit it with this version of `nern fit`")
+    width = f"int{bits}"
+    return opts if width in opts.precisions else dataclasses.replace(opts, precisions=[*opts.precisions, width])
+
+
 def nern_rows(bench: Bench, model: nn.Module, predictor: Predictor, rep: Representation,
-              schedule: FineTunes) -> list[dict[str, Any]]:
-    """The predictor pruned, fine-tuned and quantised as each variant asks, each written as a NeRN file."""
+              schedule: FineTunes, fitted_steps: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """The predictor pruned, fine-tuned and quantised as each variant asks, each written as a NeRN file; at a
+    quantised fit's own width the weights are rounded to the fit's learnt steps (exact where not fine-tuned)."""
     cfg, opts, rows = bench.cfg, bench.opts, []
+    fitted_width = f"int{cfg.predictor.quantise_bits}" if cfg.predictor.quantise_bits else None
     for sparsity, scope, ft in nern_variants(opts):
         pruned, masks = pruned_predictor(predictor, sparsity, scope if sparsity else "global")
         if ft != "none":
@@ -488,7 +507,8 @@ def nern_rows(bench: Bench, model: nn.Module, predictor: Predictor, rep: Represe
                                      ft == "data-free", schedule.out, cfg.progress)
         for precision in opts.precisions:
             base = _row("nern", sparsity, scope, ft, precision, masks, schedule.iterations if ft != "none" else 0)
-            enc = encode_nern(pruned, masks, precision, rep, cfg.embedding, model, vectors=opts.vectors)
+            steps = fitted_steps if precision == fitted_width else None
+            enc = encode_nern(pruned, masks, precision, rep, cfg.embedding, model, steps=steps, vectors=opts.vectors)
             rows.append(bench.measure(enc, base))
     return rows
 
@@ -678,7 +698,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     options = {f"compress.{k}": v for k, v in dataclasses.asdict(opts).items()}
     params = {**flatten(to_dict(cfg)), **options, "predictor_file": args.predictor}
     with stage_run(args, "compress", params, NON_RESULT_KEYS, data=cfg.data) as tracker:
-        rows, metrics = run_compress(model, predictor, rep, cfg, splits, out, opts)
+        rows, metrics = run_compress(model, predictor, rep, cfg, splits, out, opts, fitted_steps(args.predictor))
         log_outputs(tracker, out, {k: v for k, v in metrics.items() if k != "frontier"},
                      [CSV_FILE, MD_FILE, FIGURE_FILE, METRICS_FILE])
     nern_best = metrics.get("nern_int8_bytes"), metrics.get("nern_int8_top1")

@@ -101,6 +101,10 @@ class PredictorConfig:
     depth: int = 5
     init: Literal["default", "variance"] = "default"
     normalize_targets: bool = False  # fast preset: predict per-layer standardised kernels, store scales
+    # fit through learnt-step quantisers (nern.qat) from the first step: the predictor's Linear weights are
+    # `quantise_bits`-bit integers times one step per row, stored exactly so by `nern compress` (int<bits>).
+    # Post-training quantisation below 8 bits destroys a fitted predictor; a fit that sees the rounding does not
+    quantise_bits: int | None = None
 
 
 @dataclass
@@ -405,6 +409,9 @@ def validate(cfg: Any) -> None:
     if isinstance(cfg, FitConfig):
         _require(cfg.predictor.hidden >= 1, "predictor.hidden", f"must be a positive integer, got {cfg.predictor.hidden}")
         _require(cfg.predictor.depth >= 2, "predictor.depth", f"must be >= 2 linear layers, got {cfg.predictor.depth}")
+        bits = cfg.predictor.quantise_bits
+        _require(bits is None or 2 <= bits <= 8, "predictor.quantise_bits",
+                 f"must be an integer in [2, 8] or null (float predictor), got {bits}")
         _require(cfg.embedding.levels >= 1, "embedding.levels", "must be >= 1")
         _require(cfg.embedding.base > 0, "embedding.base", "must be > 0")
         for name in ("rec", "kd", "fmd"):

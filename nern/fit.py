@@ -37,6 +37,7 @@ from nern.objective import (
     reconstruction_term,
 )
 from nern.predictor import Predictor
+from nern.qat import attach_quantisers, plain_state
 from nern.reconstruct import (
     NetworkPair,
     Representation,
@@ -345,6 +346,8 @@ class Fitter:
         torch.manual_seed(cfg.seed)
         self.predictor = Predictor(setup.embeddings.shape[1], cfg.predictor.hidden, cfg.predictor.depth,
                                    setup.rep.kernel_size, cfg.predictor.init).to(self.device)
+        if cfg.predictor.quantise_bits:  # every step, the reconstruction phase included, sees the rounding
+            attach_quantisers(self.predictor, cfg.predictor.quantise_bits)
         if cfg.compile:
             check_compile_toolchain(self.device)
         self.forward_predictor: nn.Module = torch.compile(self.predictor) if cfg.compile else self.predictor
@@ -440,6 +443,8 @@ class Fitter:
         quantiser steps of `nern.qat` attached)."""
         self.optimizer = make_optimizer(self.cfg, self.predictor.parameters())
         self.scheduler = make_scheduler(self.cfg, self.optimizer, self.distillation_total)
+        for _ in range(self.iteration):  # the schedule continues where the fit is
+            self.scheduler.step()
 
     # -- evaluation ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -588,8 +593,12 @@ def fit_metrics(fitter: Fitter, history: History, resumed: bool) -> dict[str, An
 
 def save_predictor(path: Path, predictor: Predictor, rep: Representation, cfg: FitConfig,
                    extra: dict[str, Any]) -> None:
-    """One self-contained file: predictor weights, permutations and scales, plus how to decode them."""
-    tensors = {f"predictor.{k}": v for k, v in predictor.state_dict().items()}
+    """One self-contained file: predictor weights, permutations and scales, plus how to decode them. A
+    quantised predictor (predictor.quantise_bits) is stored as its quantised weights under the plain names, with
+    its learnt steps beside them (`steps.<weight name>`, read by `fitted_steps`)."""
+    state, steps = plain_state(predictor)
+    tensors = {f"predictor.{k}": v for k, v in state.items()}
+    tensors.update({f"steps.{k}": v for k, v in steps.items()})
     for i, pos in enumerate(rep.positions):
         tensors[f"permutation.{i}"] = pos.to(torch.int32)
     if rep.scales is not None:
@@ -630,6 +639,15 @@ def load_predictor(path: str | Path, model: nn.Module) -> tuple[Predictor, Repre
     return predictor.eval(), rep, cfg
 
 
+def fitted_steps(path: str | Path) -> dict[str, torch.Tensor]:
+    """The learnt quantiser steps of a predictor fitted with predictor.quantise_bits ({} for a float fit), by
+    weight name in the plain predictor's state dict: the codec stores exactly the integers the fit trained."""
+    from nern.artifacts import load_tensors
+
+    tensors, _ = load_tensors(path)
+    return {k.removeprefix("steps."): v for k, v in tensors.items() if k.startswith("steps.")}
+
+
 @torch.no_grad()
 def decode_weights(predictor: Predictor, rep: Representation, cfg: FitConfig) -> list[torch.Tensor]:
     """The reconstructed conv weights a predictor file stands for."""
@@ -638,5 +656,5 @@ def decode_weights(predictor: Predictor, rep: Representation, cfg: FitConfig) ->
     return kernels_to_weights(kernels, rep)
 
 
-__all__ = ["fit", "Fitter", "prepare", "load_predictor", "decode_weights", "save_predictor", "clear_resume_state",
-           "ConvLayer", "CHECKPOINT_FILE", "DEPARTURES", "departures"]
+__all__ = ["fit", "Fitter", "prepare", "load_predictor", "fitted_steps", "decode_weights", "save_predictor",
+           "clear_resume_state", "ConvLayer", "CHECKPOINT_FILE", "DEPARTURES", "departures"]

@@ -16,6 +16,7 @@ Biases stay float32, like every 1-D tensor under `intN`.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -89,6 +90,15 @@ def learnt_steps(predictor: nn.Module) -> dict[str, Tensor]:
             quantiser = module.parametrizations.weight[0]
             steps[f"{name}.weight"] = quantiser.step.detach().clamp_min(1e-8).cpu().clone()
     return steps
+
+
+def plain_state(predictor: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The predictor's state dict under its plain names (quantised weights: integers times steps) and the steps,
+    leaving `predictor` as it is: what a predictor file stores, so that it loads into a plain `Predictor`."""
+    plain = copy.deepcopy(predictor)
+    steps = learnt_steps(plain)
+    detach_quantisers(plain)
+    return {k: v.detach().clone() for k, v in plain.state_dict().items()}, steps
 
 
 def detach_quantisers(predictor: nn.Module) -> None:

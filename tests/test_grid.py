@@ -106,6 +106,9 @@ def test_applications_run_on_every_fit_or_on_each_reference_fit() -> None:
     assert grid.application_dirs(config, rows) == sorted({row.dir for row in rows})
     config["applications"] = "reference"
     assert grid.application_dirs(config, rows) == ["results/unit/net/fit/fast/reg0/crossfilter/h16"]
+    config["applications"] = {"compress": "all", "importance": "none"}
+    assert grid.application_dirs(config, rows, "importance") == []
+    assert grid.application_dirs(config, rows, "compress") == sorted({row.dir for row in rows})
 
 
 # -- overrides -------------------------------------------------------------------------------------------------

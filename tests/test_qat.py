@@ -14,6 +14,7 @@ from nern.errors import NernError
 from nern.models import build_model
 from nern.predictor import Predictor
 
+from helpers import fashion_mnist_root  # noqa: F401 (fixture)
 from test_compress import EMBEDDING, tiny_setup
 
 needs_nncodec = pytest.mark.skipif(not nnc.available(), reason="nncodec is not installed (bash setup.sh installs it)")
@@ -155,3 +156,89 @@ def _fp32_file(tmp_path, predictor, rep, model):
     path = tmp_path / "fp32.nernz"
     codec.write_container(path, C.encode_nern(predictor, {}, "fp32", rep, EMBEDDING, model))
     return path
+
+
+# -- a fit through the quantiser (predictor.quantise_bits) ----------------------------------------------------
+
+
+def quantised_fit_config(root, bits: int = 3, **extra):
+    from test_fit import tiny_fit
+
+    return tiny_fit(root, predictor={"hidden": 24, "normalize_targets": True, "quantise_bits": bits},
+                    sampling={"method": "all"}, rec_only_iterations=6, iterations=6, **extra)
+
+
+def test_quantise_bits_outside_the_codec_widths_is_a_clear_error():
+    from nern.config import FitConfig, load_config
+
+    for bits in (1, 9):
+        with pytest.raises(NernError, match=r"predictor\.quantise_bits.*\[2, 8\]"):
+            load_config(FitConfig, overrides=[f"predictor.quantise_bits={bits}"])
+
+
+def test_a_quantised_fit_trains_through_the_rounding_and_its_file_holds_what_it_evaluated(
+        fashion_mnist_root, tmp_path):
+    from nern.fit import Fitter, decode_weights, fitted_steps, load_predictor, prepare, save_predictor
+
+    cfg = quantised_fit_config(fashion_mnist_root, bits=3)
+    with Fitter(cfg, prepare(cfg), tmp_path) as fitter:
+        before = {k: v.clone() for k, v in fitter.predictor.state_dict().items()}
+        for _ in range(8):  # reconstruction-only steps, then distillation
+            fitter.step()
+        after = fitter.predictor.state_dict()
+        moved = [k for k in before if not torch.equal(before[k], after[k])]
+        assert any(k.endswith(".step") for k in moved) and any(k.endswith(".original") for k in moved)
+        evaluated = fitter.reconstructed_weights()
+        save_predictor(tmp_path / "p.safetensors", fitter.predictor, fitter.s.rep, cfg, {})
+        model = fitter.s.model
+    steps = fitted_steps(tmp_path / "p.safetensors")
+    predictor, rep, loaded_cfg = load_predictor(tmp_path / "p.safetensors", model)
+    assert loaded_cfg.predictor.quantise_bits == 3 and set(steps) == set(qat.learnt_steps(fitter.predictor))
+    for name, step in steps.items():  # the stored weights are 3-bit integers times the learnt steps
+        q = predictor.state_dict()[name] / step[:, None]
+        assert torch.allclose(q, q.round(), atol=1e-4) and q.abs().max() <= 3 + 1e-4
+    for a, b in zip(decode_weights(predictor, rep, loaded_cfg), evaluated):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_quantised_fit_resumes_exactly(fashion_mnist_root, tmp_path):
+    from nern.artifacts import load_tensors
+    from nern.fit import Fitter, fit, prepare
+
+    cfg = quantised_fit_config(fashion_mnist_root, bits=4)
+    straight = fit(cfg, tmp_path / "straight")
+    partial = Fitter(cfg, prepare(cfg), tmp_path / "resumed")
+    partial.original_acc = partial.evaluate_original()
+    for _ in range(8):
+        partial.step()
+    partial.training_loop().save()
+    partial.close()
+    resumed = Fitter(cfg, prepare(cfg), tmp_path / "resumed").run()
+    assert resumed["resumed"] is True and resumed["final_loss"] == straight["final_loss"]
+    a, _ = load_tensors(tmp_path / "straight" / "predictor.safetensors")
+    b, _ = load_tensors(tmp_path / "resumed" / "predictor.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compress_stores_a_quantised_fit_at_its_own_width_exactly(fashion_mnist_root, tmp_path):
+    from nern.data import build_splits
+    from nern.fit import decode_weights, fit, fitted_steps, load_predictor
+    from nern.layers import conv_weights
+
+    cfg = quantised_fit_config(fashion_mnist_root, bits=3)
+    model = build_model(cfg.model).eval()
+    fit(cfg, tmp_path / "fit", model=model)
+    path = tmp_path / "fit" / "predictor.safetensors"
+    predictor, rep, fitted = load_predictor(path, model)
+    opts = C.CompressOptions([0], ["global"], ["none"], ["fp16"])
+    rows, _ = C.run_compress(model, predictor, rep, fitted, build_splits(cfg.data, seed=0), tmp_path / "c", opts,
+                             fitted_steps(path))
+    row = next(r for r in rows if r["representation"] == "nern" and r["precision"] == "int3")
+    network = C.read_network(tmp_path / "c" / "files" / row["file"])
+    for a, b in zip(conv_weights(network, rep.layers), decode_weights(predictor, rep, fitted)):
+        assert torch.allclose(a, b, atol=1e-5)
+    fp16 = next(r for r in rows if r["representation"] == "nern" and r["precision"] == "fp16")
+    assert row["bytes"] < fp16["bytes"]
+    with pytest.raises(NernError, match="no learnt steps"):
+        C.run_compress(model, predictor, rep, fitted, None, tmp_path / "d", opts, {})

@@ -139,9 +139,10 @@ def test_every_preset_builds_its_whole_dag_offline(preset: str) -> None:
         assert counts["fit"] >= 4 * 3 * 3  # four networks x three permutations x at least three sizes
 
 
-def test_the_codec_preset_sweeps_every_fit_and_permutes_the_network_for_symmetry() -> None:
-    """config/cifar10-codec.yaml (issue #15): 3 permutations (symmetry from rule permute_network, which writes the
-    permuted network the fits read) x 3 sizes, meta-compression on every fit, importance on the reference only."""
+def test_the_codec_preset_fits_quantised_predictors_and_permutes_the_network_for_symmetry() -> None:
+    """config/cifar10-codec.yaml (issue #15): a float fit and four fits through 4- and 3-bit quantisers (one on the
+    symmetry-permuted network, which rule permute_network writes and the fit reads), meta-compression with NNCodec
+    on every fit, no importance."""
     preset = "config/cifar10-codec.yaml"
     config = yaml.safe_load((REPO / preset).read_text())
     if not (REPO / config["networks"][0]["original"]["checkpoint"]).is_file():
@@ -149,12 +150,17 @@ def test_the_codec_preset_sweeps_every_fit_and_permutes_the_network_for_symmetry
     done = snakemake(["-n", "--forceall", "--nolock", "--configfile", preset, "--cores", "2", "-p"], cwd=REPO,
                      timeout_s=300)
     assert done.returncode == 0, tail(done)
-    assert job_counts(output(done)) == {"import_weights": 1, "permute": 2, "permute_network": 1, "fit": 9,
-                                        "compress": 9, "importance": 1, "manifest": 1, "tables": 1, "all": 1}
+    assert job_counts(output(done)) == {"import_weights": 1, "permute": 1, "permute_network": 1, "fit": 5,
+                                        "compress": 5, "manifest": 1, "tables": 1, "all": 1}
     text = output(done)
     assert "--mode symmetry" in text and "--model-out" in text
     assert "permutation/imported/symmetry.model.safetensors --permutation" in text  # the fit reads the permuted net
     assert "--nncodec-qps=-38,-32,-26,-20,-16,-12" in text
+    fits = re.findall(r"nern fit .*?--out (\S+)", text)
+    quantised = [line for line in text.splitlines() if "nern fit" in line and "predictor.quantise_bits" in line]
+    assert len(fits) == 5 and len(quantised) == 4
+    assert all("--set iterations=600" in line for line in quantised)
+    assert sum("predictor.quantise_bits=3" in line for line in quantised) == 1
 
 
 def test_the_cpu_cifar_preset_builds_the_issues_design() -> None:
