@@ -159,10 +159,11 @@ def tensor_precision(t: torch.Tensor, precision: str, vectors: str) -> str:
 def encode_nern(predictor: Predictor, masks: dict[str, torch.Tensor], precision: str, rep: Representation,
                 embedding: EmbeddingConfig, model: nn.Module, *, steps: dict[str, torch.Tensor] | None = None,
                 verbatim_precision: str | None = None, vectors: str = "fp32",
-                parts: tuple[str, ...] = ("predictor", "verbatim")) -> Encoded:
+                parts: tuple[str, ...] = ("predictor", "verbatim"), fold: bool = False) -> Encoded:
     """Predictor (pruned and/or quantised, at its learnt `steps` if any), permutations, per-layer scales and
     every tensor NeRN does not represent (at `verbatim_precision`, default `precision`). `parts` leaves the
-    predictor and/or verbatim tensors out when another codec (NNCodec) carries them."""
+    predictor and/or verbatim tensors out when another codec (NNCodec) carries them; `fold` stores each BatchNorm as
+    its affine map only (`fold_batchnorm`)."""
     linears = [m for m in predictor if isinstance(m, nn.Linear)]
     enc = Encoded.empty("nern", {
         "model": _model_meta(model),
@@ -185,7 +186,8 @@ def encode_nern(predictor: Predictor, masks: dict[str, torch.Tensor], precision:
     if rep.scales is not None:
         enc.add("scales", rep.scales.float(), "fp32", "scales")
     if "verbatim" in parts:
-        for name, t in verbatim_state(model, rep).items():
+        state, enc.meta["folded_batchnorm"] = fold_batchnorm(verbatim_state(model, rep), model, fold)
+        for name, t in state.items():
             enc.add(f"verbatim.{name}", t, tensor_precision(t, verbatim_precision or precision, vectors), "verbatim")
     return enc
 
@@ -196,13 +198,53 @@ def verbatim_state(model: nn.Module, rep: Representation) -> dict[str, torch.Ten
     return {name: t for name, t in model.state_dict().items() if name not in represented}
 
 
-def encode_network(model: nn.Module, masks: dict[str, torch.Tensor], precision: str, vectors: str = "fp32") -> Encoded:
+def encode_network(model: nn.Module, masks: dict[str, torch.Tensor], precision: str, vectors: str = "fp32",
+                   fold: bool = False) -> Encoded:
     """The original network's whole state dict (the baselines), pruned entries masked out."""
     enc = Encoded.empty("network", {"model": _model_meta(model)})
-    for name, t in model.state_dict().items():
+    state, enc.meta["folded_batchnorm"] = fold_batchnorm(model.state_dict(), model, fold)
+    for name, t in state.items():
         part = "weights" if t.is_floating_point() and t.dim() >= 2 else "other"
         enc.add(f"state.{name}", t, tensor_precision(t, precision, vectors), part, masks.get(name))
     return enc
+
+
+def batchnorm_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats}
+
+
+def fold_batchnorm(state: dict[str, torch.Tensor], model: nn.Module, fold: bool = True
+                   ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Each BatchNorm of `model` in `state` as its eval-mode affine map: weight <- gamma / sqrt(var + eps),
+    bias <- beta - mean * weight, statistics dropped (half its tensors, the same function up to float rounding).
+    Returns the state and the folded modules' names, which `unit_statistics` restores on reading."""
+    if not fold:
+        return state, []
+    out, folded = dict(state), []
+    for name, bn in batchnorm_modules(model).items():
+        keys = [f"{name}.{k}" for k in ("weight", "bias", "running_mean", "running_var")]
+        if not all(k in out for k in keys):
+            continue
+        gamma, beta, mean, var = (out[k].float() for k in keys)
+        scale = gamma / torch.sqrt(var + bn.eps)
+        out[keys[0]], out[keys[1]] = scale, beta - mean * scale
+        for key in (*keys[2:], f"{name}.num_batches_tracked"):
+            out.pop(key, None)
+        folded.append(name)
+    return out, folded
+
+
+def unit_statistics(network: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The statistics of folded BatchNorms: mean 0 and variance 1 - eps, so that the stored affine map is exact."""
+    stats = {}
+    for name in names:
+        bn = network.get_submodule(name)
+        stats[f"{name}.running_mean"] = torch.zeros_like(bn.running_mean)
+        stats[f"{name}.running_var"] = torch.full_like(bn.running_var, 1.0 - bn.eps)
+        if bn.num_batches_tracked is not None:
+            stats[f"{name}.num_batches_tracked"] = torch.zeros_like(bn.num_batches_tracked)
+    return stats
 
 
 def _skeleton(meta: dict[str, Any], skeleton: nn.Module | None, path: Path) -> nn.Module:
@@ -250,12 +292,13 @@ def read_network(path: str | Path, skeleton: nn.Module | None = None, nnc_path: 
     if nnc_path is not None:
         tensors.update(read_nnc(nnc_path))
     network = _skeleton(meta, skeleton, path)
+    folded = unit_statistics(network, meta.get("folded_batchnorm", []))
     if meta["kind"] == "network":
         state = {k.removeprefix("state."): v for k, v in tensors.items()}
-        return _load_strict(network, state, path)
+        return _load_strict(network, {**state, **folded}, path)
     predictor = decode_predictor(tensors, meta)
     rep = decode_representation(tensors, meta)
-    state = {k.removeprefix("verbatim."): v for k, v in tensors.items() if k.startswith("verbatim.")}
+    state = {**{k.removeprefix("verbatim."): v for k, v in tensors.items() if k.startswith("verbatim.")}, **folded}
     embedding = EmbeddingConfig(levels=meta["embedding"]["levels"], base=meta["embedding"]["base"])
     with torch.no_grad():
         weights = decode_weights(predictor, rep, FitConfig(embedding=embedding))
@@ -294,9 +337,11 @@ class CompressOptions:
     qat_bits: list[int] = dataclasses.field(default_factory=list)  # quantisation-aware fine-tunes, one per width
     qat_iterations: int | None = None  # None: the fit's distillation iterations, within [50, 2000]
     nncodec_qps: list[int] = dataclasses.field(default_factory=list)  # NNCodec on the original and the predictor
+    batchnorm: str = "keep"  # fold: every BatchNorm stored as its affine map (NeRN and original files alike)
 
 
 VECTOR_PRECISIONS = ("fp32", "fp16")
+BATCHNORM_MODES = ("keep", "fold")
 
 
 def check_options(opts: CompressOptions) -> None:
@@ -312,6 +357,8 @@ def check_options(opts: CompressOptions) -> None:
         raise NernError(f"unknown compressor {opts.compressor!r}; choose one of {', '.join(COMPRESSORS)}")
     if opts.vectors not in VECTOR_PRECISIONS:
         raise NernError(f"--vectors {opts.vectors!r} is not allowed; choose from {', '.join(VECTOR_PRECISIONS)}")
+    if opts.batchnorm not in BATCHNORM_MODES:
+        raise NernError(f"--batchnorm {opts.batchnorm!r} is not allowed; choose from {', '.join(BATCHNORM_MODES)}")
     bad_bits = [b for b in opts.qat_bits if not MIN_BITS <= b <= MAX_BITS]
     if bad_bits:
         raise NernError(f"--qat-bits {bad_bits[0]} is outside [{MIN_BITS}, {MAX_BITS}]; pass widths such as 4,3")
@@ -508,7 +555,8 @@ def nern_rows(bench: Bench, model: nn.Module, predictor: Predictor, rep: Represe
         for precision in opts.precisions:
             base = _row("nern", sparsity, scope, ft, precision, masks, schedule.iterations if ft != "none" else 0)
             steps = fitted_steps if precision == fitted_width else None
-            enc = encode_nern(pruned, masks, precision, rep, cfg.embedding, model, steps=steps, vectors=opts.vectors)
+            enc = encode_nern(pruned, masks, precision, rep, cfg.embedding, model, steps=steps, vectors=opts.vectors,
+                              fold=opts.batchnorm == "fold")
             rows.append(bench.measure(enc, base))
     return rows
 
@@ -523,7 +571,7 @@ def qat_rows(bench: Bench, model: nn.Module, predictor: Predictor, rep: Represen
         tuned, steps = finetune_predictor(pruned, masks, cfg, model, rep, bench.splits, schedule.qat_iterations,
                                           schedule.lr, False, schedule.out, cfg.progress, qat_bits=bits)
         enc = encode_nern(tuned, masks, f"int{bits}", rep, cfg.embedding, model, steps=steps,
-                          verbatim_precision="int8", vectors=opts.vectors)
+                          verbatim_precision="int8", vectors=opts.vectors, fold=opts.batchnorm == "fold")
         rows.append(bench.measure(enc, _row("nern", sparsity, scope, "qat", f"int{bits}", masks,
                                             schedule.qat_iterations)))
     return rows
@@ -556,7 +604,7 @@ def baseline_rows(bench: Bench, model: nn.Module) -> list[dict[str, Any]]:
         for precision in bench.opts.precisions:
             pruned = copy.deepcopy(cpu_model)
             apply_masks(pruned, masks)
-            enc = encode_network(pruned, masks, precision, bench.opts.vectors)
+            enc = encode_network(pruned, masks, precision, bench.opts.vectors, bench.opts.batchnorm == "fold")
             rows.append(bench.measure(enc, _row("original", sparsity, scope, "none", precision, masks, 0)))
     return rows
 
@@ -691,7 +739,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
                            comma_names(args.finetune), comma_names(args.precisions), args.finetune_iterations,
                            args.finetune_lr, args.compressor, args.keep_files == "all", args.vectors,
                            comma_ints(args.qat_bits, "--qat-bits"), args.qat_iterations,
-                           comma_ints(args.nncodec_qps, "--nncodec-qps"))
+                           comma_ints(args.nncodec_qps, "--nncodec-qps"), args.batchnorm)
     check_options(opts)
     cfg, model, predictor, rep, splits = load_fitted(args)
     out = Path(args.out)
@@ -728,6 +776,9 @@ def register_cli(subparsers: Any, name: str) -> None:
                    "distillation iterations, 50..2000)")
     p.add_argument("--nncodec-qps", default="", help="NNCodec quantisation parameters for the original network and "
                    "the predictor, comma-separated, e.g. -38,-32,-26,-20,-16,-12 (lower: finer; default: none)")
+    p.add_argument("--batchnorm", default="keep", choices=list(BATCHNORM_MODES),
+                   help="fold: store every BatchNorm as its eval-mode affine map (scale, shift), NeRN and original "
+                   "files alike: half the BatchNorm bytes, the same function")
     p.add_argument("--keep-files", default="all", choices=["all", "none"],
                    help="keep the measured files under OUT/files (none: delete each after measuring)")
     p.set_defaults(func=cmd_compress)

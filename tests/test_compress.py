@@ -96,6 +96,38 @@ def test_original_network_files_round_trip_and_shrink_with_precision(tmp_path):
     assert sizes["fp32"] > sizes["fp16"] > sizes["int8"] > sizes["int4"]
 
 
+def _with_batchnorm_statistics(model):
+    """Running statistics far from 0 and 1, so that folding them is not trivially exact."""
+    with torch.no_grad():
+        for bn in C.batchnorm_modules(model).values():
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.2, 3)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def test_folded_batchnorm_computes_the_same_function_in_fewer_bytes(tmp_path):
+    model, rep, predictor = tiny_setup()
+    model = _with_batchnorm_statistics(model)
+    x = torch.randn(6, 1, 28, 28)
+    for kind, encode in (("network", lambda fold: C.encode_network(model, {}, "fp32", fold=fold)),
+                         ("nern", lambda fold: C.encode_nern(predictor, {}, "fp32", rep, EMBEDDING, model, fold=fold))):
+        outputs, sizes = {}, {}
+        for fold in (False, True):
+            path = tmp_path / f"{kind}-{fold}.nernz"
+            sizes[fold] = codec.write_container(path, encode(fold))["bytes"]
+            with torch.no_grad():
+                outputs[fold] = C.read_network(path)(x)
+        assert torch.allclose(outputs[True], outputs[False], rtol=1e-4, atol=1e-4), kind
+        assert sizes[True] < sizes[False], kind
+    _, meta = codec.read_container(tmp_path / "network-True.nernz")
+    assert meta["folded_batchnorm"] == list(C.batchnorm_modules(model))
+    assert not any("running_" in name for name in meta["tensors"])
+    with pytest.raises(NernError, match="--batchnorm 'merge'"):
+        C.check_options(C.CompressOptions([0], ["global"], ["none"], ["fp32"], batchnorm="merge"))
+
+
 def test_damaged_or_foreign_files_are_user_errors(tmp_path):
     model, rep, predictor = tiny_setup()
     path, _ = write_nern(tmp_path, predictor, {}, "int8", rep, model)
