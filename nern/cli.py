@@ -11,7 +11,8 @@ The package is layered; a module imports only from its own layer or below (tests
    feature_maps, smoothness, checkpoint, evaluate, tracking, plots, codec, pruning, table_format, grid (the
    experiment design), symmetry, loop (the shared training loop), objective (NeRN's loss);
 3. training stages: `fit`, `pretrain`;
-4. stage plumbing: `runs` (arguments, the MLflow run of a job, a fitted NeRN's inputs);
+4. stage plumbing: `runs` (arguments, the MLflow run of a job, a fitted NeRN's inputs), `network_files` (NeRN
+   and original-network files and the network rebuilt from one);
 5. application stages: `compress`, `importance`;
 6. reports: `tables`;
 7. this CLI, which registers every sub-command explicitly (a broken import is an error, not a missing

@@ -8,10 +8,13 @@ parametrisation (`torch.nn.utils.parametrize`) that returns
     w_q = round(clamp(w / s, -L, L)) * s,      L = 2**(bits-1) - 1,  s: one learnt step per output row,
 
 with the rounding passed straight through in the backward pass and the step's gradient scaled by
-1 / sqrt(numel * L) (LSQ's scaling, so steps and weights learn at comparable rates). The fine-tune is the fit's
-own objective (`nern.compress.finetune_predictor`); afterwards `learnt_steps` gives the steps, and the codec
-stores exactly the integers the predictor was trained with (`nern.codec.encode_tensor(scale=...)`).
-Biases stay float32, like every 1-D tensor under `intN`.
+1 / sqrt(numel * L) (LSQ's scaling, so steps and weights learn at comparable rates). The quantisers serve twice:
+a whole fit through them (`predictor.quantise_bits`, attached by `nern.fit.Fitter` before the first step), and a
+quantisation-aware fine-tune of a float fit (`nern compress --qat-bits`, `nern.compress.finetune_predictor`).
+On public ResNet20 only the first works: a 4-bit fine-tune starts at chance and stays there, a 4-bit fit reaches
+~77% (docs/measurements/codec). Either way `learnt_steps` gives the steps, and the codec stores exactly the
+integers the predictor was trained with (`nern.codec.encode_tensor(scale=...)`). Biases stay float, like every
+1-D tensor under `intN`.
 """
 
 from __future__ import annotations

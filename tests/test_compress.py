@@ -11,6 +11,7 @@ import torch
 
 from nern import codec, pruning
 from nern import compress as C
+from nern import network_files as NF
 from nern.cli import main
 from nern.config import EmbeddingConfig, FitConfig, ModelConfig, PretrainConfig, load_config
 from nern.errors import NernError
@@ -39,7 +40,7 @@ def tiny_setup(seed: int = 0) -> tuple[torch.nn.Module, Representation, Predicto
 
 def write_nern(tmp_path, predictor, masks, precision, rep, model, name="p.nernz", compressor="zstd"):
     path = tmp_path / name
-    sizes = codec.write_container(path, C.encode_nern(predictor, masks, precision, rep, EMBEDDING, model), compressor)
+    sizes = codec.write_container(path, NF.encode_nern(predictor, masks, precision, rep, EMBEDDING, model), compressor)
     return path, sizes
 
 
@@ -52,15 +53,15 @@ def test_fp32_nern_file_round_trip_is_bit_exact(tmp_path, compressor):
     path, sizes = write_nern(tmp_path, predictor, {}, "fp32", rep, model, compressor=compressor)
     assert sizes["bytes"] == path.stat().st_size
     tensors, meta = codec.read_container(path)
-    decoded = C.decode_predictor(tensors, meta)
+    decoded = NF.decode_predictor(tensors, meta)
     for key, value in predictor.state_dict().items():
         assert torch.equal(decoded.state_dict()[key], value), key
-    decoded_rep = C.decode_representation(tensors, meta)
+    decoded_rep = NF.decode_representation(tensors, meta)
     assert all(torch.equal(a, b) for a, b in zip(decoded_rep.positions, rep.positions))
     assert torch.equal(decoded_rep.scales, rep.scales)
     assert meta["identity_permutations"] == [i for i in range(len(rep.layers)) if i != 2]
     # the rebuilt network (fresh skeleton + file) is exactly the in-memory reconstruction of the original
-    rebuilt = C.read_network(path)
+    rebuilt = NF.read_network(path)
     cfg = load_config(FitConfig, base={"embedding": {"levels": EMBEDDING.levels, "base": EMBEDDING.base}})
     expected = reconstructed_model(model, rep, decode_weights(predictor, rep, cfg))
     x = torch.randn(3, 1, 28, 28)
@@ -73,7 +74,7 @@ def test_pruned_quantised_predictor_reads_back_bit_exact(tmp_path, precision, sp
     model, rep, predictor = tiny_setup()
     pruned, masks = pruning.pruned_predictor(predictor, sparsity, scope)
     path, _ = write_nern(tmp_path, pruned, masks, precision, rep, model)
-    decoded = C.decode_predictor(*codec.read_container(path)).state_dict()
+    decoded = NF.decode_predictor(*codec.read_container(path)).state_dict()
     for key, value in pruned.state_dict().items():
         expected = codec.fake_quantise(value, precision, masks.get(key))
         assert torch.equal(decoded[key], expected), key
@@ -89,8 +90,8 @@ def test_original_network_files_round_trip_and_shrink_with_precision(tmp_path):
     sizes = {}
     for precision in ("fp32", "fp16", "int8", "int4"):
         path = tmp_path / f"{precision}.nernz"
-        sizes[precision] = codec.write_container(path, C.encode_network(model, {}, precision))["bytes"]
-        state = C.read_network(path).state_dict()
+        sizes[precision] = codec.write_container(path, NF.encode_network(model, {}, precision))["bytes"]
+        state = NF.read_network(path).state_dict()
         if precision == "fp32":
             assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert sizes["fp32"] > sizes["fp16"] > sizes["int8"] > sizes["int4"]
@@ -99,7 +100,7 @@ def test_original_network_files_round_trip_and_shrink_with_precision(tmp_path):
 def _with_batchnorm_statistics(model):
     """Running statistics far from 0 and 1, so that folding them is not trivially exact."""
     with torch.no_grad():
-        for bn in C.batchnorm_modules(model).values():
+        for bn in NF.batchnorm_modules(model).values():
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.2, 3)
             bn.weight.uniform_(0.5, 1.5)
@@ -111,18 +112,18 @@ def test_folded_batchnorm_computes_the_same_function_in_fewer_bytes(tmp_path):
     model, rep, predictor = tiny_setup()
     model = _with_batchnorm_statistics(model)
     x = torch.randn(6, 1, 28, 28)
-    for kind, encode in (("network", lambda fold: C.encode_network(model, {}, "fp32", fold=fold)),
-                         ("nern", lambda fold: C.encode_nern(predictor, {}, "fp32", rep, EMBEDDING, model, fold=fold))):
+    for kind, encode in (("network", lambda fold: NF.encode_network(model, {}, "fp32", fold=fold)),
+                         ("nern", lambda fold: NF.encode_nern(predictor, {}, "fp32", rep, EMBEDDING, model, fold=fold))):
         outputs, sizes = {}, {}
         for fold in (False, True):
             path = tmp_path / f"{kind}-{fold}.nernz"
             sizes[fold] = codec.write_container(path, encode(fold))["bytes"]
             with torch.no_grad():
-                outputs[fold] = C.read_network(path)(x)
+                outputs[fold] = NF.read_network(path)(x)
         assert torch.allclose(outputs[True], outputs[False], rtol=1e-4, atol=1e-4), kind
         assert sizes[True] < sizes[False], kind
     _, meta = codec.read_container(tmp_path / "network-True.nernz")
-    assert meta["folded_batchnorm"] == list(C.batchnorm_modules(model))
+    assert meta["folded_batchnorm"] == list(NF.batchnorm_modules(model))
     assert not any("running_" in name for name in meta["tensors"])
     with pytest.raises(NernError, match="--batchnorm 'merge'"):
         C.check_options(C.CompressOptions([0], ["global"], ["none"], ["fp32"], batchnorm="merge"))
@@ -279,7 +280,7 @@ def test_compress_stage_measures_every_row_on_the_file_read_back(fitted_resnet8,
     for row in rows:
         path = out / "files" / row["file"]
         assert int(row["bytes"]) == path.stat().st_size
-        network = C.read_network(path)
+        network = NF.read_network(path)
         acc = top_k_accuracy(network, data_mod.eval_batches(splits.test, 300), (1,))["top1"]
         assert float(row["top1"]) == pytest.approx(acc, abs=1e-9), row["label"]
     original_fp32 = next(r for r in rows if r["label"] == "original-s0-fp32")

@@ -267,6 +267,21 @@ def test_rec_only_phase_has_its_own_schedule_and_restarts_the_optimiser(fashion_
         tiny_fit(fashion_mnist_root, rec_only_iterations=-1)
 
 
+def test_a_rebuilt_optimiser_continues_the_schedule_where_the_fit_is(fashion_mnist_root, tmp_path):
+    cfg = tiny_fit(fashion_mnist_root, iterations=6, rec_only_iterations=4,
+                   optim={"lr": 1e-3, "rec_only_lr": 1e-2, "min_lr": 1e-6})
+    straight, rebuilt = Fitter(cfg, prepare(cfg), tmp_path / "a"), Fitter(cfg, prepare(cfg), tmp_path / "b")
+    lrs = {"straight": [], "rebuilt": []}
+    for i in range(8):
+        if i == 5:
+            rebuilt.rebuild_optimizer()
+        lrs["straight"].append(straight.step()["lr"])
+        lrs["rebuilt"].append(rebuilt.step()["lr"])
+    assert lrs["rebuilt"] == pytest.approx(lrs["straight"])
+    straight.close()
+    rebuilt.close()
+
+
 def test_gradient_clipping_caps_the_update_and_reports_the_raw_norm(fashion_mnist_root, tmp_path):
     """Both fitters see identical gradients at step 0; only the clipped one must rescale them to the cap."""
     seen = {}

@@ -19,7 +19,7 @@ LAYERS: dict[str, int] = {
                      "permutation", "feature_maps", "smoothness", "checkpoint", "evaluate", "tracking", "plots",
                      "codec", "nnc", "qat", "pruning", "table_format", "grid", "symmetry", "loop", "objective"), 2),
     **dict.fromkeys(("fit", "pretrain"), 3),
-    "runs": 4,
+    **dict.fromkeys(("runs", "network_files"), 4),
     **dict.fromkeys(("compress", "importance"), 5),
     "tables": 6,
     "cli": 7,

@@ -9,6 +9,7 @@ from torch import nn
 
 from nern import codec, nnc, qat
 from nern import compress as C
+from nern import network_files as NF
 from nern.config import ModelConfig
 from nern.errors import NernError
 from nern.models import build_model
@@ -83,11 +84,11 @@ def test_the_file_stores_exactly_the_trained_integers(tmp_path, bits):
     qat.detach_quantisers(predictor)
     trained = {k: v.clone() for k, v in predictor.state_dict().items()}
     path = tmp_path / "q.nernz"
-    enc = C.encode_nern(predictor, {}, f"int{bits}", rep, EMBEDDING, model, steps=steps, verbatim_precision="int8",
+    enc = NF.encode_nern(predictor, {}, f"int{bits}", rep, EMBEDDING, model, steps=steps, verbatim_precision="int8",
                         vectors="fp16")
     codec.write_container(path, enc)
     tensors, meta = codec.read_container(path)
-    decoded = C.decode_predictor(tensors, meta).state_dict()
+    decoded = NF.decode_predictor(tensors, meta).state_dict()
     for name, value in trained.items():
         if value.dim() == 2:  # the weights: bit exact up to float rounding of q * step
             assert torch.allclose(decoded[name], value, rtol=0, atol=1e-6), name
@@ -128,7 +129,7 @@ def test_nncodec_bitstream_round_trip_rebuilds_the_network(tmp_path):
     path = tmp_path / "m.nnc"
     fine = nnc.write_nnc(path, nnc.float_tensors(model.state_dict()), -38)
     assert fine == path.stat().st_size > 0
-    rebuilt = C.read_nnc_network(path, C.fresh_skeleton(model))
+    rebuilt = NF.read_nnc_network(path, NF.fresh_skeleton(model))
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), model(x), atol=0.05 * model(x).abs().max().item())
@@ -140,13 +141,13 @@ def test_nncodec_bitstream_round_trip_rebuilds_the_network(tmp_path):
 def test_nern_predictor_through_nncodec_reads_back(tmp_path):
     model, rep, predictor = tiny_setup()
     tensors = {**{f"predictor.{k}": v for k, v in predictor.state_dict().items()},
-               **{f"verbatim.{k}": v for k, v in C.verbatim_state(model, rep).items()}}
+               **{f"verbatim.{k}": v for k, v in NF.verbatim_state(model, rep).items()}}
     nnc_path = tmp_path / "p.nnc"
     nnc.write_nnc(nnc_path, nnc.float_tensors(tensors), -38)
     container = tmp_path / "p.nernz"
-    codec.write_container(container, C.encode_nern(predictor, {}, "fp32", rep, EMBEDDING, model, parts=()))
-    rebuilt = C.read_network(container, nnc_path=nnc_path)
-    exact = C.read_network(_fp32_file(tmp_path, predictor, rep, model))
+    codec.write_container(container, NF.encode_nern(predictor, {}, "fp32", rep, EMBEDDING, model, parts=()))
+    rebuilt = NF.read_network(container, nnc_path=nnc_path)
+    exact = NF.read_network(_fp32_file(tmp_path, predictor, rep, model))
     for (name, a), b in zip(rebuilt.state_dict().items(), exact.state_dict().values()):
         if a.is_floating_point():
             assert torch.allclose(a, b, atol=0.05 * max(b.abs().max().item(), 1e-3)), name
@@ -154,7 +155,7 @@ def test_nern_predictor_through_nncodec_reads_back(tmp_path):
 
 def _fp32_file(tmp_path, predictor, rep, model):
     path = tmp_path / "fp32.nernz"
-    codec.write_container(path, C.encode_nern(predictor, {}, "fp32", rep, EMBEDDING, model))
+    codec.write_container(path, NF.encode_nern(predictor, {}, "fp32", rep, EMBEDDING, model))
     return path
 
 
@@ -235,7 +236,7 @@ def test_compress_stores_a_quantised_fit_at_its_own_width_exactly(fashion_mnist_
     rows, _ = C.run_compress(model, predictor, rep, fitted, build_splits(cfg.data, seed=0), tmp_path / "c", opts,
                              fitted_steps(path))
     row = next(r for r in rows if r["representation"] == "nern" and r["precision"] == "int3")
-    network = C.read_network(tmp_path / "c" / "files" / row["file"])
+    network = NF.read_network(tmp_path / "c" / "files" / row["file"])
     for a, b in zip(conv_weights(network, rep.layers), decode_weights(predictor, rep, fitted)):
         assert torch.allclose(a, b, atol=1e-5)
     fp16 = next(r for r in rows if r["representation"] == "nern" and r["precision"] == "fp16")
