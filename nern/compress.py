@@ -504,7 +504,8 @@ PRECISION_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^", "int6": "D", "int5":
                      "int2": ">", "nnc": "*"}
 
 
-def _marker_key(precision: str) -> str:
+def marker_key(precision: str) -> str:
+    """The PRECISION_MARKERS key of a row's precision (every NNCodec qp shares one marker)."""
     return "nnc" if precision.startswith("nnc") else precision
 
 
@@ -517,7 +518,7 @@ def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], original_top1: float, pat
         if not family:
             continue
         for precision, marker in PRECISION_MARKERS.items():
-            pts = [r for r in family if _marker_key(r["precision"]) == precision]
+            pts = [r for r in family if marker_key(r["precision"]) == precision]
             if pts:
                 ax.scatter([r["bytes"] for r in pts], [r["top1"] for r in pts], c=colour, marker=marker, s=28,
                            alpha=0.75, edgecolors="none")
@@ -527,7 +528,7 @@ def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], original_top1: float, pat
     ax.plot([r["bytes"] for r in overall], [r["top1"] for r in overall], color="black", lw=2.5, alpha=0.25,
             label="Pareto front (all files)")
     for precision, marker in PRECISION_MARKERS.items():
-        if any(_marker_key(r["precision"]) == precision for r in rows):
+        if any(marker_key(r["precision"]) == precision for r in rows):
             ax.scatter([], [], c="grey", marker=marker, label="NNCodec qp" if precision == "nnc" else precision)
     ax.axhline(original_top1, color="black", ls=":", lw=1, label=f"original {original_top1:.2f}%")
     ax.set_xscale("log")

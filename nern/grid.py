@@ -327,8 +327,20 @@ def row_fit(preset: str, row: Row) -> Fit:
 
 
 def table_names(rows: list[Row]) -> list[str]:
-    """main, regularisation, ablation_<group>..., data_free: the tables `nern tables` writes, in order."""
+    """main, regularisation, ablation_<group>..., data_free: the tables `nern tables` writes, in order (and
+    rate_distortion where fits are compressed: `compressed_networks`)."""
     return list(dict.fromkeys(row.group for row in rows))
+
+
+def compression_tables(config: Tree, rows: list[Row]) -> list[str]:
+    """The compress stage's table of every fit it runs on: what `nern tables` aggregates into rate_distortion."""
+    return [f"{fit_dir}/compress/compression.csv" for fit_dir in application_dirs(config, rows, "compress")]
+
+
+def compressed_networks(config: Tree, rows: list[Row]) -> list[str]:
+    """The networks with at least one compressed fit, in config order (one rate-distortion figure each)."""
+    dirs = set(application_dirs(config, rows, "compress"))
+    return list(dict.fromkeys(row.network for row in rows if row.dir in dirs))
 
 
 def fit_metrics(rows: list[Row]) -> list[str]:

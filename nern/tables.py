@@ -7,8 +7,10 @@ in columns marked `paper`, never mixed into ours.
 
 Tables (each as CSV, Markdown and LaTeX): `main` (per task and network: original accuracy and, per
 permutation mode and predictor size, the reconstructed accuracy, predictor size and size ratio),
-`regularisation`, `ablation_<group>` and `data_free`. Figures: reconstructed accuracy against predictor size
-per permutation mode, and training curves per network.
+`regularisation`, `ablation_<group>` and `data_free`, and `rate_distortion` where fits were compressed (every
+file of every `nern compress` job with its fit, the original's codecs beside them, the Pareto front marked).
+Figures: reconstructed accuracy against predictor size per permutation mode, training curves per network, and
+accuracy against bytes on disk per compressed network.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ import pandas as pd
 import yaml
 
 from nern.artifacts import atomic_path, read_json, read_metadata
-from nern.config import GRID_PERMUTATIONS, flatten
+from nern.config import GRID_PERMUTATIONS, NETWORK_PERMUTATIONS, flatten
 from nern.errors import NernError
+from nern.compress import CSV_FILE as COMPRESSION_CSV
+from nern.compress import PRECISION_MARKERS, marker_key
 from nern.grid import Manifest
+from nern.plots import pyplot, save_figure
 from nern.table_format import MISSING_MD, format_cell, formatted, to_markdown  # noqa: F401 (re-exported)
 from nern.table_format import is_missing as _is_missing
 from nern.table_format import is_numeric as _numeric
@@ -280,6 +285,9 @@ def table_caption(preset: str, name: str) -> str:
         return f"NeRN reconstruction accuracy by predictor size and permutation ({preset})"
     if name == "regularisation":
         return f"Smoothness regularisation of the original network ({preset})"
+    if name == RATE_DISTORTION:
+        return (f"Every file of every compressed fit: bytes on disk and test top-1 of the network read back, the "
+                f"original network's codecs (NNCodec included) beside them; pareto marks the front ({preset})")
     if name == "data_free":
         return f"Data-free NeRN ({preset})"
     return f"Ablation: {name.removeprefix('ablation_').replace('_', ' ')} ({preset})"
@@ -288,26 +296,9 @@ def table_caption(preset: str, name: str) -> str:
 # -- figures -----------------------------------------------------------------------------------------------
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: str | Path) -> None:
-    plt = _pyplot()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
 def plot_accuracy_vs_size(rows: pd.DataFrame, published: dict[str, Any], path: str | Path) -> None:
     """Per network: reconstructed top-1 against size ratio, one line per permutation mode and fit preset."""
-    plt = _pyplot()
+    plt = pyplot()
     main = rows[rows["group"] == "main"]
     networks = list(dict.fromkeys(main["network"]))
     fig, axes = plt.subplots(1, len(networks), figsize=(5.2 * len(networks), 3.8), squeeze=False)
@@ -327,7 +318,7 @@ def plot_accuracy_vs_size(rows: pd.DataFrame, published: dict[str, Any], path: s
         ax.set_xlabel("predictor size / represented weights")
         ax.set_ylabel("top-1 (%)")
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_published(ax: Any, published: dict[str, Any], key: str | None) -> None:
@@ -359,7 +350,7 @@ def accuracy_column(curves: pd.DataFrame) -> str | None:
 def plot_network_curves(rows: pd.DataFrame, network: str, path: str | Path) -> None:
     """Loss and accuracy (validation when measured during the fit) against iteration for a network's main-grid
     fits."""
-    plt = _pyplot()
+    plt = pyplot()
     split = "test"
     part = rows[(rows["group"] == "main") & (rows["network"] == network)]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -392,7 +383,101 @@ def plot_network_curves(rows: pd.DataFrame, network: str, path: str | Path) -> N
     for ax in (ax_loss, ax_acc):
         if ax.lines:
             ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
+
+
+# -- the rate-distortion sweep: every file of every compress job ---------------------------------------------
+
+RATE_DISTORTION = "rate_distortion"
+RATE_DISTORTION_COLUMNS = ["network", "fit", "representation", "precision", "sparsity", "finetune", "bytes",
+                           "top1", "delta_top1", "pareto"]
+
+
+def compression_csv(run_dir: str | Path) -> Path:
+    """Where `nern compress` (rule compress) writes a fit's table."""
+    return Path(run_dir) / "compress" / COMPRESSION_CSV
+
+
+def _fit_name(row: Any) -> str:
+    variant = "" if row.variant in ("", "default") else f"/{row.variant}"
+    return f"{row.fit_preset}/{row.permutation}/h{row.hidden}{variant}"
+
+
+def rate_distortion_rows(manifest: Manifest) -> pd.DataFrame:
+    """Every file the manifest's compressed fits measured, with the fit it came from; the original network's
+    files (the same in every job of a network) once per network and permutation of the network itself. Empty
+    when no fit was compressed."""
+    frames, seen = [], set()
+    for row in manifest.rows:
+        path = compression_csv(row.dir)
+        if row.dir in seen or not path.is_file():
+            continue
+        seen.add(row.dir)
+        df = pd.read_csv(path)
+        original = df["representation"] == "original"
+        # a network permutation (symmetry) hands compress the permuted network: its own original rows
+        df["fit"] = _fit_name(row)
+        df.loc[original, "fit"] = "original" + (f" ({row.permutation})" if row.permutation in NETWORK_PERMUTATIONS
+                                                 else "")
+        df["network"] = row.network
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=RATE_DISTORTION_COLUMNS)
+    rows = pd.concat(frames, ignore_index=True).drop_duplicates(["network", "fit", "label"], ignore_index=True)
+    rows["pareto"] = False
+    for _, part in rows.groupby("network", sort=False):
+        rows.loc[pareto_index(part), "pareto"] = True
+    return rows
+
+
+def pareto_index(rows: pd.DataFrame) -> list[Any]:
+    """Index of the rows no other row beats in both bytes and accuracy."""
+    front, best = [], float("-inf")
+    for index, row in rows.sort_values(["bytes", "top1"], ascending=[True, False]).iterrows():
+        if row["top1"] > best:
+            front.append(index)
+            best = row["top1"]
+    return front
+
+
+def rate_distortion_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Smallest first per network, the columns a reader compares."""
+    return rows.sort_values(["network", "bytes"])[RATE_DISTORTION_COLUMNS].reset_index(drop=True)
+
+
+def plot_rate_distortion(rows: pd.DataFrame, path: str | Path) -> None:
+    """One network: every file of every fit (colour: fit, marker: precision), the original network's files
+    and NNCodec's in red, and the Pareto front over all of them."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    fits = list(dict.fromkeys(rows["fit"]))
+    palette = plt.get_cmap("tab10")
+    nern_fits = [f for f in fits if not f.startswith("original")]
+    for fit in fits:
+        part = rows[rows["fit"] == fit]
+        colour = "tab:red" if fit.startswith("original") else palette(nern_fits.index(fit) % 10)
+        for precision, marker in PRECISION_MARKERS.items():
+            pts = part[part["precision"].map(marker_key) == precision]
+            if not pts.empty:
+                ax.scatter(pts["bytes"], pts["top1"], color=colour, marker=marker, s=34, alpha=0.8,
+                           edgecolors="none")
+        ax.scatter([], [], color=colour, marker="o", label=f"NeRN {fit}" if fit in nern_fits else fit)
+    front = rows[rows["pareto"]].sort_values("bytes")
+    ax.plot(front["bytes"], front["top1"], color="black", lw=2.5, alpha=0.25, label="Pareto front (all files)")
+    for precision, marker in PRECISION_MARKERS.items():
+        if (rows["precision"].map(marker_key) == precision).any():
+            ax.scatter([], [], color="grey", marker=marker, label="NNCodec qp" if precision == "nnc" else precision)
+    original = rows[(rows["representation"] == "original") & (rows["precision"] == "fp32")]
+    if not original.empty:
+        top1 = float(original["top1"].iloc[0])
+        ax.axhline(top1, color="black", ls=":", lw=1, label=f"original fp32 {top1:.2f}%")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes on disk (whole file)")
+    ax.set_ylabel("test top-1 (%) of the network read back")
+    ax.set_title(f"{rows['network'].iloc[0]}: accuracy vs bytes, every NeRN file and the original's codecs")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    save_figure(fig, path, dpi=120)
 
 
 # -- the stage ---------------------------------------------------------------------------------------------
@@ -414,6 +499,14 @@ def make_tables(manifest_path: str | Path, published_path: str | Path | None, ta
         path = figures / f"training_curves_{network.name}.png"
         plot_network_curves(rows, network.name, path)
         written.append(path)
+    sweep = rate_distortion_rows(manifest)
+    if not sweep.empty:
+        written += write_table(rate_distortion_table(sweep), tables_dir, RATE_DISTORTION,
+                               table_caption(manifest.preset, RATE_DISTORTION))
+        for network, part in sweep.groupby("network", sort=False):
+            path = figures / f"rate_distortion_{network}.png"
+            plot_rate_distortion(part, path)
+            written.append(path)
     return written
 
 

@@ -146,6 +146,37 @@ def test_make_tables_writes_every_table_and_figure(manifest: Path, published: Pa
     assert csv["top-1"].tolist() == [80.25, 70.0, 88.5, 89.0]
 
 
+def _compressed(run_dir: str, nern: list[tuple[str, int, float]], original: list[tuple[str, int, float]]) -> None:
+    """A compress job's table, as `nern compress` writes it: (precision, bytes, top1) per file."""
+    rows = [{"label": f"{rep}-s0-{p}", "representation": rep, "sparsity": 0.0, "scope": "-", "finetune": "none",
+             "precision": p, "bytes": b, "top1": t, "delta_top1": t - 90.0}
+            for rep, files in (("nern", nern), ("original", original)) for p, b, t in files]
+    (Path(run_dir) / "compress").mkdir()
+    pd.DataFrame(rows).to_csv(Path(run_dir) / "compress" / "compression.csv", index=False)
+
+
+def test_rate_distortion_joins_every_compressed_fit_and_marks_the_front(manifest: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    original = [("fp32", 1000, 90.0), ("int8", 300, 89.5), ("nnc-26", 200, 89.0)]
+    _compressed(str(runs / "c160"), [("fp16", 500, 88.0), ("int4", 150, 80.0)], original)
+    _compressed(str(runs / "n160"), [("fp16", 400, 80.0), ("int4", 100, 70.0)], original)
+    sweep = tables.rate_distortion_rows(tables.load_manifest(manifest))
+    assert set(sweep["fit"]) == {"fast/crossfilter/h160", "fast/none/h160", "original"}
+    assert (sweep["fit"] == "original").sum() == 3  # the same original files in both jobs: once
+    front = sweep[sweep["pareto"]].sort_values("bytes")
+    assert front["bytes"].tolist() == [100, 150, 200, 300, 1000]  # fp16 files lose to int8 / NNCodec here
+    written = tables.make_tables(manifest, None, tmp_path / "tables", tmp_path / "figures")
+    names = {p.name for p in written}
+    assert {"rate_distortion.csv", "rate_distortion.md", "rate_distortion_cifar10-resnet20.png"} <= names
+    table = pd.read_csv(tmp_path / "tables" / "rate_distortion.csv")
+    assert table["bytes"].is_monotonic_increasing and len(table) == 7
+
+
+def test_no_compressed_fit_means_no_rate_distortion_table(manifest: Path, tmp_path: Path) -> None:
+    written = tables.make_tables(manifest, None, tmp_path / "tables", tmp_path / "figures")
+    assert not any("rate_distortion" in p.name for p in written)
+
+
 def test_a_missing_run_is_a_user_error_naming_the_file(manifest: Path, tmp_path: Path) -> None:
     (tmp_path / "runs" / "free" / "metrics.json").unlink()
     with pytest.raises(NernError, match=r"free/metrics.json not found"):

@@ -165,7 +165,8 @@ def table_caption(name):
 def table_outputs():
     """Each table as CSV (shown in the Snakemake report), Markdown and LaTeX."""
     files = []
-    for name in grid.table_names(ROWS):
+    names = grid.table_names(ROWS) + (["rate_distortion"] if grid.compressed_networks(config, ROWS) else [])
+    for name in names:
         files.append(report(f"{TABLES}/{name}.csv", caption=table_caption(name), category="Tables",
                             labels={"table": name, "format": "csv"}))
         files += [f"{TABLES}/{name}.md", f"{TABLES}/{name}.tex"]
@@ -179,6 +180,10 @@ def figure_outputs():
         files.append(report(f"{FIGURES}/training_curves_{network['name']}.png",
                             caption="../report/figure_training_curves.rst", category="Figures",
                             labels={"figure": f"training curves {network['name']}"}))
+    for network in grid.compressed_networks(config, ROWS):
+        files.append(report(f"{FIGURES}/rate_distortion_{network}.png",
+                            caption="../report/figure_rate_distortion.rst", category="Figures",
+                            labels={"figure": f"accuracy vs bytes {network}"}))
     return files
 
 

@@ -21,6 +21,7 @@ rule tables:
         fits=grid.fit_metrics(ROWS),
         curves=[path.replace("metrics.json", "curves.csv") for path in grid.fit_metrics(ROWS)],
         originals=grid.original_metrics(PRESET, ROWS),
+        compressed=grid.compression_tables(config, ROWS),  # aggregated into the rate-distortion table
         published=published_inputs(),
     output:
         table_outputs(),
