@@ -174,7 +174,7 @@ def test_disk_full_leaves_no_partial_output(case, monkeypatch, capsys, tmp_path)
 def test_user_error_in_a_real_process_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nern", "fit", "--model", str(tmp_path / "missing.safetensors"),
                            "--out", str(tmp_path / "o"), "--mlflow-uri", "none"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+                          cwd=ROOT, timeout=600)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("nern fit: error: model file not found")
