@@ -4,7 +4,8 @@
 
 - a pruned tensor is a bitmask (`packbits`) plus its kept values only;
 - `fp16` stores values as float16; `intN` stores symmetric per-output-channel integers plus one float32 scale
-  per channel (the scale given, e.g. a step learnt by `nern.qat`, or max |w| over the largest level);
+  per channel (the scale given, e.g. a step learnt by `nern.qat`, or max |w| over the largest level), stored as
+  float16 where that is lossless;
   1-D tensors (biases, BatchNorm) stay float32 under `intN`;
 - N = 1, 2, 4 bits are bit-packed into whole bytes; other widths below 8 are stored one value per byte:
   packing 3 or 6 bits across byte boundaries hides the symbols from the entropy coder (zstd's Huffman stage:
@@ -111,6 +112,13 @@ def quantise(w: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(w.detach().float() / per_row).clamp(-levels, levels).to(torch.int16)
 
 
+def compact_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The steps as float16 when that is lossless (a quantisation-aware fit rounds its steps so), else float32."""
+    scale = scale.float()
+    half = scale.half()
+    return half if torch.equal(half.float(), scale) else scale
+
+
 def dequantise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.reshape(-1, *([1] * (q.dim() - 1)))
 
@@ -149,7 +157,7 @@ def encode_tensor(name: str, t: torch.Tensor, precision: str, mask: torch.Tensor
         levels = 2 ** (bits - 1) - 1
         unsigned = (quantise(t, bits, scale).reshape(-1) + levels).to(torch.uint8)
         out[f"{name}.values"] = pack_bits(unsigned[keep] if keep is not None else unsigned, bits)
-        out[f"{name}.scale"] = scale.float()
+        out[f"{name}.scale"] = compact_scale(scale)
         spec.update(codec=precision, bits=bits)
         return out, spec
     dtype = torch.float16 if precision == "fp16" else torch.float32
@@ -172,7 +180,7 @@ def decode_tensor(name: str, spec: dict[str, Any], tensors: dict[str, torch.Tens
         bits = spec["bits"]
         levels = 2 ** (bits - 1) - 1
         values = unpack_bits(tensors[f"{name}.values"], bits, count).to(torch.int16) - levels
-        scale = tensors[f"{name}.scale"]
+        scale = tensors[f"{name}.scale"].float()
         rows = torch.arange(numel) // (numel // shape[0])
         rows = rows[keep] if keep is not None else rows
         values = values.float() * scale[rows]

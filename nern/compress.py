@@ -86,6 +86,7 @@ def finetune_config(cfg: FitConfig, iterations: int, lr: float, data_free: bool)
     return dataclasses.replace(
         cfg, iterations=iterations, epochs=None, data_free=data_free, eval_every=0, checkpoint_every=0,
         rec_only_iterations=0, compile=False, progress=False, select_best_on_val=False,
+        tune_verbatim=False,  # the file's tuned verbatim tensors (rep.tuned) stay as they are
         predictor=dataclasses.replace(cfg.predictor, quantise_bits=None),  # float unless asked (qat_bits)
         loss=dataclasses.replace(cfg.loss, warmup=0),
         optim=dataclasses.replace(cfg.optim, lr=lr, warmup_iterations=0, min_lr=min(cfg.optim.min_lr, lr)),
@@ -111,6 +112,7 @@ def finetune_predictor(predictor: Predictor, masks: dict[str, torch.Tensor], cfg
     ft_cfg = finetune_config(cfg, iterations, lr, data_free)
     setup = prepare(ft_cfg, model=model, permutation=rep.positions, splits=splits)
     setup.rep.scales = rep.scales  # the file's scales, not a recomputation
+    setup.rep.tuned = rep.tuned  # and its tuned verbatim tensors, if the fit trained them
     fitter = Fitter(ft_cfg, setup, out_dir)
     fitter.predictor.load_state_dict(predictor.state_dict())
     if qat_bits:

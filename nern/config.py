@@ -176,6 +176,10 @@ class FitConfig:
     # go through the predictor, so a step costs batch/N of a full one: many more, cheaper steps per second.
     rec_only_batch: int | None = None
     data_free: bool = False  # distil on U[-2, 2] noise in normalised input space instead of task images
+    # Distillation also trains the tensors NeRN stores verbatim (BatchNorm affine, FC, unrepresented convs) of the
+    # reconstructed network; the predictor file carries them (`tuned.<name>`). They are stored anyway, so a codec
+    # gets their adjustment to the predicted kernels for no bytes. Off: the original's, as in the paper.
+    tune_verbatim: bool = False
     eval_every: int = 200
     checkpoint_every: int = 100
     select_best_on_val: bool = False
@@ -439,6 +443,9 @@ def validate(cfg: Any) -> None:
         if cfg.epochs is not None:
             _require(cfg.epochs > 0, "epochs", "must be > 0")
         _require(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0 evaluates only at the end)")
+        _require(not (cfg.tune_verbatim and cfg.select_best_on_val), "tune_verbatim",
+                 "cannot be combined with select_best_on_val (the selected iterate keeps only the predictor); "
+                 "set one of them to false")
         _require(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 disables checkpoints)")
     if isinstance(cfg, PretrainConfig):
         _require(cfg.epochs > 0, "epochs", "must be > 0")

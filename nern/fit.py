@@ -41,6 +41,7 @@ from nern.qat import attach_quantisers, plain_state
 from nern.reconstruct import (
     NetworkPair,
     Representation,
+    TunedTensors,
     identity_positions,
     kernels_to_weights,
     predict_kernels,
@@ -156,6 +157,9 @@ DEPARTURES = (
     Departure("optim.clip_grad_norm", None,
               "cap the gradient norm: RAdam's first steps are un-normalised SGD steps, and the first distillation "
               "gradient after the reconstruction phase has norm ~860"),
+    Departure("tune_verbatim", False,
+              "distillation also trains the reconstructed network's verbatim tensors (BatchNorm affine, FC): they "
+              "are stored anyway, so a codec gets their adjustment to the predicted kernels for no bytes"),
     Departure("optim.warmup_iterations", 0, "a linear learning-rate warm-up of the distillation phase"),
     Departure("autocast_bf16", False, "predictor and reconstructed network in bfloat16 (throughput); losses in fp32"),
     Departure("compile", False, "torch.compile: one fused graph per network (throughput, same losses to ~1e-3)"),
@@ -351,11 +355,15 @@ class Fitter:
         if cfg.compile:
             check_compile_toolchain(self.device)
         self.forward_predictor: nn.Module = torch.compile(self.predictor) if cfg.compile else self.predictor
+        # tune_verbatim: the student's BatchNorm/FC are trainable copies, seen through setup.rep.tuned
+        self.tuned = TunedTensors(setup.model, setup.rep) if cfg.tune_verbatim else None
+        if self.tuned is not None:
+            setup.rep.tuned = self.tuned.overrides()
         self.stream = data_mod.train_stream(cfg.data, cfg.seed, setup.splits.train, data_free=cfg.data_free,
                                             device=None if self.device.type == "cpu" else self.device)
         self.distillation_total = total_iterations(cfg, self.stream.batches_per_epoch)
         self.total = cfg.rec_only_iterations + self.distillation_total
-        self.optimizer = make_optimizer(cfg, self.predictor.parameters())
+        self.optimizer = make_optimizer(cfg, self.trainable())
         self.scheduler = make_scheduler(cfg, self.optimizer, self.distillation_total)
         self.sampler = KernelSampler(cfg.sampling.method, cfg.sampling.batch, setup.rep.offsets,
                                      setup.targets.norm(dim=1), cfg.sampling.uniform_prob, seed=cfg.seed)
@@ -376,6 +384,10 @@ class Fitter:
         # last: from here on the original model carries hooks (unless fused), removed by close()
         self.networks = NetworkPair(setup.model, setup.rep, fused=cfg.compile)
         self._distil = torch.compile(self._student_terms) if self.networks.fused else self._student_terms
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The predictor's parameters (quantiser steps included) and, with tune_verbatim, the verbatim tensors."""
+        return [*self.predictor.parameters(), *(self.tuned.parameters() if self.tuned is not None else ())]
 
     # -- one iteration: embeddings -> predictor -> kernels -> reconstructed network -> losses -> step -----
     def predict_weights(self, sampled: torch.Tensor | None) -> list[torch.Tensor]:
@@ -430,7 +442,7 @@ class Fitter:
                             "or check the original weights for NaN/inf")
         self.optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
-        grad_norm = self.recipe.clip_gradients(list(self.predictor.parameters()))
+        grad_norm = self.recipe.clip_gradients(self.trainable())
         self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
@@ -441,7 +453,7 @@ class Fitter:
     def rebuild_optimizer(self) -> None:
         """A fresh optimiser and schedule over the predictor's parameters as they are now (e.g. with the learnt
         quantiser steps of `nern.qat` attached)."""
-        self.optimizer = make_optimizer(self.cfg, self.predictor.parameters())
+        self.optimizer = make_optimizer(self.cfg, self.trainable())
         self.scheduler = make_scheduler(self.cfg, self.optimizer, self.distillation_total)
         for _ in range(self.iteration):  # the schedule continues where the fit is
             self.scheduler.step()
@@ -477,6 +489,8 @@ class Fitter:
         """Everything the next step depends on, by checkpoint key."""
         parts = {"predictor": self.predictor, "optimizer": self.optimizer, "scheduler": self.scheduler,
                  "sampler": self.sampler, "stream": self.stream}
+        if self.tuned is not None:
+            parts["tuned"] = self.tuned
         return {**parts, "rec_sampler": self.rec_rows.sampler} if self.rec_rows is not None else parts
 
     def state_dict(self) -> dict[str, Any]:
@@ -595,10 +609,12 @@ def save_predictor(path: Path, predictor: Predictor, rep: Representation, cfg: F
                    extra: dict[str, Any]) -> None:
     """One self-contained file: predictor weights, permutations and scales, plus how to decode them. A
     quantised predictor (predictor.quantise_bits) is stored as its quantised weights under the plain names, with
-    its learnt steps beside them (`steps.<weight name>`, read by `fitted_steps`)."""
+    its learnt steps beside them (`steps.<weight name>`, read by `fitted_steps`); verbatim tensors the fit
+    trained (tune_verbatim) as `tuned.<parameter name>`."""
     state, steps = plain_state(predictor)
     tensors = {f"predictor.{k}": v for k, v in state.items()}
     tensors.update({f"steps.{k}": v for k, v in steps.items()})
+    tensors.update({f"tuned.{k}": v.detach().float().cpu().clone() for k, v in rep.tuned.items()})
     for i, pos in enumerate(rep.positions):
         tensors[f"permutation.{i}"] = pos.to(torch.int32)
     if rep.scales is not None:
@@ -632,7 +648,8 @@ def load_predictor(path: str | Path, model: nn.Module) -> tuple[Predictor, Repre
             "pass the model it was fitted to"
         )
     positions = [tensors[f"permutation.{i}"].long() for i in range(len(layers))]
-    rep = Representation(layers, positions, meta["kernel_size"], tensors.get("scales"))
+    tuned = {k.removeprefix("tuned."): v for k, v in tensors.items() if k.startswith("tuned.")}
+    rep = Representation(layers, positions, meta["kernel_size"], tensors.get("scales"), tuned)
     state = {k.removeprefix("predictor."): v for k, v in tensors.items() if k.startswith("predictor.")}
     predictor = Predictor(6 * cfg.embedding.levels, cfg.predictor.hidden, cfg.predictor.depth, rep.kernel_size)
     predictor.load_state_dict(state)

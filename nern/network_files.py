@@ -85,9 +85,11 @@ def encode_nern(predictor: Predictor, masks: dict[str, torch.Tensor], precision:
 
 
 def verbatim_state(model: nn.Module, rep: Representation) -> dict[str, torch.Tensor]:
-    """Every tensor of the network that NeRN does not represent (BatchNorm, FC, unrepresented convs)."""
+    """Every tensor of the network that NeRN does not represent (BatchNorm, FC, unrepresented convs): the fit's
+    tuned values where it trained them (tune_verbatim), the original's elsewhere."""
     represented = {layer.param for layer in rep.layers}
-    return {name: t for name, t in model.state_dict().items() if name not in represented}
+    return {name: rep.tuned[name].detach().to(t) if name in rep.tuned else t
+            for name, t in model.state_dict().items() if name not in represented}
 
 
 def encode_network(model: nn.Module, masks: dict[str, torch.Tensor], precision: str, vectors: str = "fp32",

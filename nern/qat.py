@@ -29,10 +29,18 @@ from torch.nn.utils import parametrize
 from nern.errors import NernError
 
 MIN_BITS, MAX_BITS = 2, 8
+HALF_MIN_NORMAL = 2.0 ** -14  # smaller steps stay float32 (subnormal float16 loses precision)
 
 
 def _round_straight_through(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
+
+
+def _half_precision_straight_through(step: Tensor) -> Tensor:
+    """The step rounded to the nearest float16 (where that is a normal float16), its gradient passed through:
+    the file then stores the steps losslessly in half the bytes (`nern.codec` keeps fp32 where they are not)."""
+    rounded = torch.where(step >= HALF_MIN_NORMAL, step.half().float(), step)
+    return step + (rounded - step).detach()
 
 
 def _scale_gradient(x: Tensor, factor: float) -> Tensor:
@@ -52,8 +60,12 @@ class LearntStepQuantiser(nn.Module):
         self.gradient_factor = 1.0 / math.sqrt(weight[0].numel() * self.levels)
         self.step = nn.Parameter(initial_steps(weight.detach(), self.levels))
 
+    def effective_step(self) -> Tensor:
+        """The step per row the forward pass uses (and the file stores): positive, float16 where it can be."""
+        return _half_precision_straight_through(_scale_gradient(self.step, self.gradient_factor).clamp_min(1e-8))
+
     def forward(self, weight: Tensor) -> Tensor:
-        step = _scale_gradient(self.step, self.gradient_factor).clamp_min(1e-8).unsqueeze(1)
+        step = self.effective_step().unsqueeze(1)
         return _round_straight_through((weight / step).clamp(-self.levels, self.levels)) * step
 
 
@@ -91,7 +103,7 @@ def learnt_steps(predictor: nn.Module) -> dict[str, Tensor]:
     for name, module in predictor.named_modules():
         if isinstance(module, nn.Linear) and parametrize.is_parametrized(module, "weight"):
             quantiser = module.parametrizations.weight[0]
-            steps[f"{name}.weight"] = quantiser.step.detach().clamp_min(1e-8).cpu().clone()
+            steps[f"{name}.weight"] = quantiser.effective_step().detach().cpu().clone()
     return steps
 
 

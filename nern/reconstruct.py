@@ -26,6 +26,9 @@ class Representation:
     positions: list[torch.Tensor]
     kernel_size: int = 3
     scales: torch.Tensor | None = None  # one scalar per layer (fast preset), else None
+    # verbatim tensors (by parameter name) that replace the original's in the reconstructed network: those a fit
+    # with tune_verbatim trained (BatchNorm affine, FC, ...); empty: the original's own, as in the paper
+    tuned: dict[str, torch.Tensor] = field(default_factory=dict)
     offsets: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -111,7 +114,25 @@ def predict_kernels(predictor: nn.Module, embeddings: torch.Tensor, sampled: tor
 
 
 def weight_overrides(rep: Representation, weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {layer.param: w for layer, w in zip(rep.layers, weights)}
+    """What the reconstructed network holds instead of the original's: the predicted conv weights and any tuned
+    verbatim tensors."""
+    return {**rep.tuned, **{layer.param: w for layer, w in zip(rep.layers, weights)}}
+
+
+class TunedTensors(nn.Module):
+    """Trainable copies of the floating-point parameters NeRN stores verbatim (BatchNorm affine, FC, unrepresented
+    convs), for a fit that distils them together with the predictor (tune_verbatim). Buffers (BatchNorm
+    statistics) are not trained: in eval mode they are constants of the affine map the gammas and betas adjust."""
+
+    def __init__(self, model: nn.Module, rep: Representation):
+        super().__init__()
+        represented = {layer.param for layer in rep.layers}
+        named = [(n, p) for n, p in model.named_parameters() if n not in represented and p.is_floating_point()]
+        self.names = [n for n, _ in named]
+        self.values = nn.ParameterList([nn.Parameter(p.detach().clone()) for _, p in named])
+
+    def overrides(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.values))
 
 
 def run_reconstructed(model: nn.Module, rep: Representation, weights: list[torch.Tensor],
@@ -162,6 +183,6 @@ def reconstructed_model(model: nn.Module, rep: Representation, weights: list[tor
     clone = copy.deepcopy(model)
     params = dict(clone.named_parameters())
     with torch.no_grad():
-        for layer, w in zip(rep.layers, weights):
-            params[layer.param].copy_(w)
+        for name, w in weight_overrides(rep, weights).items():
+            params[name].copy_(w)
     return clone.eval()

@@ -64,6 +64,27 @@ def test_gradients_pass_the_rounding_and_reach_the_steps():
     assert first[0].step.grad is not None and first[0].step.grad.abs().sum() > 0
 
 
+def test_the_steps_are_float16_values_and_their_gradient_passes_the_rounding():
+    predictor = quantised(4)
+    with torch.no_grad():
+        predictor[0].parametrizations.weight[0].step.mul_(1.0 + 1e-3)  # off the float16 grid
+    for step in qat.learnt_steps(predictor).values():
+        assert torch.equal(step.half().float(), step)
+    predictor(torch.randn(5, 6 * EMBEDDING.levels)).pow(2).sum().backward()
+    assert predictor[0].parametrizations.weight[0].step.grad.abs().sum() > 0
+
+
+def test_steps_are_stored_as_float16_only_where_that_is_lossless():
+    exact = torch.tensor([0.5, 0.125, 3.0])
+    assert codec.compact_scale(exact).dtype == torch.float16
+    assert codec.compact_scale(exact + 1e-6).dtype == torch.float32
+    for scale in (exact, exact + 1e-6):
+        w = torch.randn(3, 7)
+        stored, spec = codec.encode_tensor("w", w, "int4", scale=scale)
+        expected = torch.round(w / scale[:, None]).clamp(-7, 7) * scale[:, None]
+        assert torch.allclose(codec.decode_tensor("w", spec, stored), expected, atol=1e-6)
+
+
 def test_bad_bit_width_is_a_clear_error():
     with pytest.raises(NernError, match="outside"):
         qat.attach_quantisers(Predictor(8, 4), 1)
