@@ -7,8 +7,8 @@ parametrisation (`torch.nn.utils.parametrize`) that returns
 
     w_q = round(clamp(w / s, -L, L)) * s,      L = 2**(bits-1) - 1,  s: one learnt step per output row,
 
-with the rounding passed straight through in the backward pass and the step's gradient scaled by
-1 / sqrt(numel * L) (LSQ's scaling, so steps and weights learn at comparable rates). The quantisers serve twice:
+with the rounding passed straight through in the backward pass, s learnt as log s (always positive, relative
+updates) and its gradient scaled by 1 / sqrt(numel * L) (LSQ's scaling), s a float16 value. The quantisers serve twice:
 a whole fit through them (`predictor.quantise_bits`, attached by `nern.fit.Fitter` before the first step), and a
 quantisation-aware fine-tune of a float fit (`nern compress --qat-bits`, `nern.compress.finetune_predictor`).
 On public ResNet20 only the first works: a 4-bit fine-tune starts at chance and stays there, a 4-bit fit reaches
@@ -58,11 +58,14 @@ class LearntStepQuantiser(nn.Module):
         self.bits = bits
         self.levels = 2 ** (bits - 1) - 1
         self.gradient_factor = 1.0 / math.sqrt(weight[0].numel() * self.levels)
-        self.step = nn.Parameter(initial_steps(weight.detach(), self.levels))
+        # the step is learnt as its logarithm: LSQ's raw step under an Adam-type optimiser moves by ~lr per update
+        # whatever its size, and at 6 bits (steps ~0.015, rec lr 2e-2) steps crossed zero, leaving 25-64 of 160
+        # rows per layer dead (clamped to ~0) and the fit at 22%; in log space every update is relative
+        self.log_step = nn.Parameter(initial_steps(weight.detach(), self.levels).log())
 
     def effective_step(self) -> Tensor:
         """The step per row the forward pass uses (and the file stores): positive, float16 where it can be."""
-        return _half_precision_straight_through(_scale_gradient(self.step, self.gradient_factor).clamp_min(1e-8))
+        return _half_precision_straight_through(_scale_gradient(self.log_step, self.gradient_factor).exp())
 
     def forward(self, weight: Tensor) -> Tensor:
         step = self.effective_step().unsqueeze(1)

@@ -3,6 +3,8 @@ NNCodec baseline (nern.nnc, skipped where NNCodec is not installed)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -61,17 +63,31 @@ def test_gradients_pass_the_rounding_and_reach_the_steps():
     out.backward()
     first = predictor[0].parametrizations.weight
     assert first.original.grad is not None and first.original.grad.abs().sum() > 0
-    assert first[0].step.grad is not None and first[0].step.grad.abs().sum() > 0
+    assert first[0].log_step.grad is not None and first[0].log_step.grad.abs().sum() > 0
 
 
 def test_the_steps_are_float16_values_and_their_gradient_passes_the_rounding():
     predictor = quantised(4)
     with torch.no_grad():
-        predictor[0].parametrizations.weight[0].step.mul_(1.0 + 1e-3)  # off the float16 grid
+        predictor[0].parametrizations.weight[0].log_step.add_(1e-3)  # off the float16 grid
     for step in qat.learnt_steps(predictor).values():
         assert torch.equal(step.half().float(), step)
     predictor(torch.randn(5, 6 * EMBEDDING.levels)).pow(2).sum().backward()
-    assert predictor[0].parametrizations.weight[0].step.grad.abs().sum() > 0
+    assert predictor[0].parametrizations.weight[0].log_step.grad.abs().sum() > 0
+
+
+def test_steps_stay_positive_under_updates_larger_than_the_step():
+    """An Adam-type update of ~lr per step on a step of ~0.015 (6 bits) drove raw steps below zero: rows died."""
+    torch.manual_seed(0)
+    predictor = quantised(6)
+    optimizer = torch.optim.Adam(predictor.parameters(), lr=0.05)
+    x = torch.randn(64, 6 * EMBEDDING.levels)
+    for _ in range(30):  # a loss that pushes every weight, hence every step, towards zero
+        optimizer.zero_grad()
+        predictor(x).pow(2).mean().backward()
+        optimizer.step()
+    for step in qat.learnt_steps(predictor).values():
+        assert step.min() > 1e-4 and torch.isfinite(step).all()  # raw steps hit the 1e-8 floor here
 
 
 def test_steps_are_stored_as_float16_only_where_that_is_lossless():
@@ -100,7 +116,7 @@ def test_the_file_stores_exactly_the_trained_integers(tmp_path, bits):
         for module in predictor:
             if isinstance(module, nn.Linear):
                 module.parametrizations.weight.original.add_(0.01 * torch.randn_like(module.weight))
-                module.parametrizations.weight[0].step.mul_(1.1)
+                module.parametrizations.weight[0].log_step.add_(math.log(1.1))
     steps = qat.learnt_steps(predictor)
     qat.detach_quantisers(predictor)
     trained = {k: v.clone() for k, v in predictor.state_dict().items()}
@@ -209,7 +225,7 @@ def test_a_quantised_fit_trains_through_the_rounding_and_its_file_holds_what_it_
             fitter.step()
         after = fitter.predictor.state_dict()
         moved = [k for k in before if not torch.equal(before[k], after[k])]
-        assert any(k.endswith(".step") for k in moved) and any(k.endswith(".original") for k in moved)
+        assert any(k.endswith(".log_step") for k in moved) and any(k.endswith(".original") for k in moved)
         evaluated = fitter.reconstructed_weights()
         save_predictor(tmp_path / "p.safetensors", fitter.predictor, fitter.s.rep, cfg, {})
         model = fitter.s.model

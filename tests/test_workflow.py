@@ -120,7 +120,7 @@ def check_outputs(workdir: Path, preset: str, counts: dict[str, int]) -> None:
 
 @pytest.mark.parametrize("preset", ["config.yaml", "config/test.yaml", "config/paper.yaml",
                                     "config/cifar10-public.yaml", "config/cifar10-cpu.yaml",
-                                    "config/cifar10-codec.yaml"])
+                                    "config/cifar10-codec.yaml", "config/cifar10-codec-long.yaml"])
 @pytest.mark.slow
 def test_every_preset_builds_its_whole_dag_offline(preset: str) -> None:
     config = yaml.safe_load((REPO / preset).read_text())
@@ -161,6 +161,25 @@ def test_the_codec_preset_fits_quantised_predictors_and_permutes_the_network_for
     assert len(fits) == 5 and len(quantised) == 4
     assert all("--set iterations=600" in line for line in quantised)
     assert sum("predictor.quantise_bits=3" in line for line in quantised) == 1
+
+
+def test_the_long_codec_preset_fits_longer_and_tunes_the_verbatim_tensors() -> None:
+    """config/cifar10-codec-long.yaml: three quantised fits (int4 h160/h132, int6 h160) on the symmetry-permuted
+    network, 1,500 distillation iterations each, BatchNorm/FC trained with them, then compressed."""
+    preset = "config/cifar10-codec-long.yaml"
+    config = yaml.safe_load((REPO / preset).read_text())
+    if not (REPO / config["networks"][0]["original"]["checkpoint"]).is_file():
+        pytest.skip(f"{preset} needs {config['networks'][0]['original']['checkpoint']}")
+    done = snakemake(["-n", "--forceall", "--nolock", "--configfile", preset, "--cores", "2", "-p"], cwd=REPO,
+                     timeout_s=300)
+    assert done.returncode == 0, tail(done)
+    assert job_counts(output(done)) == {"import_weights": 1, "permute_network": 1, "fit": 3, "compress": 3,
+                                        "manifest": 1, "tables": 1, "all": 1}
+    fits = [line for line in output(done).splitlines() if "nern fit" in line]
+    assert len(fits) == 3 and all("--set iterations=1500" in f and "--set tune_verbatim=true" in f for f in fits)
+    assert all("symmetry.model.safetensors --permutation" in f for f in fits)
+    assert sorted(re.search(r"quantise_bits=(\d)", f).group(1) + re.search(r"hidden=(\d+)", f).group(1)
+                  for f in fits) == ["4132", "4160", "6160"]
 
 
 def test_the_cpu_cifar_preset_builds_the_issues_design() -> None:
