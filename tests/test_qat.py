@@ -239,16 +239,16 @@ def test_a_quantised_fit_trains_through_the_rounding_and_its_file_holds_what_it_
         assert torch.allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_a_quantised_fit_resumes_exactly(fashion_mnist_root, tmp_path):
+def fit_resumes_exactly(cfg, tmp_path, steps_before_kill: int) -> dict:
+    """A fit killed after `steps_before_kill` steps and rerun ends bit-identical to one run straight through;
+    returns the straight run's predictor file tensors."""
     from nern.artifacts import load_tensors
     from nern.fit import Fitter, fit, prepare
 
-    cfg = quantised_fit_config(fashion_mnist_root, bits=4)
     straight = fit(cfg, tmp_path / "straight")
     partial = Fitter(cfg, prepare(cfg), tmp_path / "resumed")
     partial.original_acc = partial.evaluate_original()
-    for _ in range(8):
+    for _ in range(steps_before_kill):
         partial.step()
     partial.training_loop().save()
     partial.close()
@@ -257,6 +257,12 @@ def test_a_quantised_fit_resumes_exactly(fashion_mnist_root, tmp_path):
     a, _ = load_tensors(tmp_path / "straight" / "predictor.safetensors")
     b, _ = load_tensors(tmp_path / "resumed" / "predictor.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a
+
+
+@pytest.mark.slow
+def test_a_quantised_fit_resumes_exactly(fashion_mnist_root, tmp_path):
+    fit_resumes_exactly(quantised_fit_config(fashion_mnist_root, bits=4), tmp_path, steps_before_kill=8)
 
 
 def test_compress_stores_a_quantised_fit_at_its_own_width_exactly(fashion_mnist_root, tmp_path):

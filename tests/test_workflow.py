@@ -140,20 +140,25 @@ def test_every_preset_builds_its_whole_dag_offline(preset: str) -> None:
         assert counts["fit"] >= 4 * 3 * 3  # four networks x three permutations x at least three sizes
 
 
-def test_the_codec_preset_fits_quantised_predictors_and_permutes_the_network_for_symmetry() -> None:
-    """config/cifar10-codec.yaml (issue #15): a float fit and four fits through 4- and 3-bit quantisers (one on the
-    symmetry-permuted network, which rule permute_network writes and the fit reads), meta-compression with NNCodec
-    on every fit, no importance."""
-    preset = "config/cifar10-codec.yaml"
+def dry_run_preset(preset: str) -> str:
+    """The printed dry run (-n -p) of a preset whose first network imports a checkpoint; skips when it is absent."""
     config = yaml.safe_load((REPO / preset).read_text())
     if not (REPO / config["networks"][0]["original"]["checkpoint"]).is_file():
         pytest.skip(f"{preset} needs {config['networks'][0]['original']['checkpoint']}")
     done = snakemake(["-n", "--forceall", "--nolock", "--configfile", preset, "--cores", "2", "-p"], cwd=REPO,
                      timeout_s=300)
     assert done.returncode == 0, tail(done)
-    assert job_counts(output(done)) == {"import_weights": 1, "permute": 1, "permute_network": 1, "fit": 5,
-                                        "compress": 5, "manifest": 1, "tables": 1, "all": 1}
-    text = output(done)
+    return output(done)
+
+
+def test_the_codec_preset_fits_quantised_predictors_and_permutes_the_network_for_symmetry() -> None:
+    """config/cifar10-codec.yaml (issue #15): a float fit and four fits through 4- and 3-bit quantisers (one on the
+    symmetry-permuted network, which rule permute_network writes and the fit reads), meta-compression with NNCodec
+    on every fit, no importance."""
+    preset = "config/cifar10-codec.yaml"
+    text = dry_run_preset(preset)
+    assert job_counts(text) == {"import_weights": 1, "permute": 1, "permute_network": 1, "fit": 5,
+                        "compress": 5, "manifest": 1, "tables": 1, "all": 1}
     assert "--mode symmetry" in text and "--model-out" in text
     assert "permutation/imported/symmetry.model.safetensors --permutation" in text  # the fit reads the permuted net
     assert "--nncodec-qps=-38,-32,-26,-20,-16,-12" in text
@@ -168,15 +173,10 @@ def test_the_long_codec_preset_fits_longer_and_tunes_the_verbatim_tensors() -> N
     """config/cifar10-codec-long.yaml: three quantised fits (int4 h160/h132, int6 h160) on the symmetry-permuted
     network, 1,500 distillation iterations each, BatchNorm/FC trained with them, then compressed."""
     preset = "config/cifar10-codec-long.yaml"
-    config = yaml.safe_load((REPO / preset).read_text())
-    if not (REPO / config["networks"][0]["original"]["checkpoint"]).is_file():
-        pytest.skip(f"{preset} needs {config['networks'][0]['original']['checkpoint']}")
-    done = snakemake(["-n", "--forceall", "--nolock", "--configfile", preset, "--cores", "2", "-p"], cwd=REPO,
-                     timeout_s=300)
-    assert done.returncode == 0, tail(done)
-    assert job_counts(output(done)) == {"import_weights": 1, "permute_network": 1, "fit": 3, "compress": 3,
-                                        "manifest": 1, "tables": 1, "all": 1}
-    fits = [line for line in output(done).splitlines() if "nern fit" in line]
+    text = dry_run_preset(preset)
+    assert job_counts(text) == {"import_weights": 1, "permute_network": 1, "fit": 3, "compress": 3,
+                        "manifest": 1, "tables": 1, "all": 1}
+    fits = [line for line in text.splitlines() if "nern fit" in line]
     assert len(fits) == 3 and all("--set iterations=1500" in f and "--set tune_verbatim=true" in f for f in fits)
     assert all("symmetry.model.safetensors --permutation" in f for f in fits)
     assert sorted(re.search(r"quantise_bits=(\d)", f).group(1) + re.search(r"hidden=(\d+)", f).group(1)
