@@ -43,8 +43,7 @@ def integers(path: Path) -> tuple[dict[str, np.ndarray], int]:
         raise SystemExit(f"{path}: not a quantised fit (no learnt steps); fit with predictor.quantise_bits")
     out = {}
     for name, step in steps.items():
-        w = tensors[f"predictor.{name}"].float()
-        out[name] = torch.round(w / step.float()[:, None]).to(torch.int16).numpy()
+        out[name] = codec.quantise(tensors[f"predictor.{name}"], int(bits), step.float()).numpy()
     return out, int(bits)
 
 

@@ -116,8 +116,7 @@ def predict_kernels(predictor: nn.Module, embeddings: torch.Tensor, sampled: tor
 def weight_overrides(rep: Representation, weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the reconstructed network holds instead of the original's: the predicted conv weights and any tuned
     verbatim tensors."""
-    device = weights[0].device if weights else None
-    tuned = {name: t.to(device) if device is not None else t for name, t in rep.tuned.items()}
+    tuned = {name: t.to(weights[0].device) for name, t in rep.tuned.items()} if weights else rep.tuned
     return {**tuned, **{layer.param: w for layer, w in zip(rep.layers, weights)}}
 
 

@@ -3,6 +3,8 @@ file carries them and every consumer (evaluation, the codec's files, fine-tunes)
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -54,8 +56,7 @@ def test_the_predictor_file_and_the_codec_file_hold_the_tuned_tensors(fashion_mn
         weights = fitter.reconstructed_weights()
         with torch.no_grad():
             expected = run_reconstructed(setup.model, setup.rep, weights, x)
-            untuned = run_reconstructed(setup.model, setup.rep.__class__(setup.rep.layers, setup.rep.positions,
-                                                                          3, setup.rep.scales), weights, x)
+            untuned = run_reconstructed(setup.model, dataclasses.replace(setup.rep, tuned={}), weights, x)
         assert not torch.allclose(expected, untuned)  # the tuning matters to the function
         save_predictor(tmp_path / "p.safetensors", fitter.predictor, setup.rep, cfg, {})
     model = setup.model
@@ -64,8 +65,9 @@ def test_the_predictor_file_and_the_codec_file_hold_the_tuned_tensors(fashion_mn
     with torch.no_grad():
         assert torch.allclose(reconstructed_model(model, rep, weights)(x), expected, atol=1e-5)
     for fold in (False, True):  # what the codec writes, read back into a fresh network
-        enc = NF.encode_nern(predictor, {}, "int4", rep, EmbeddingConfig(fitted.embedding.levels, fitted.embedding.base),
-                             model, steps=fitted_steps(tmp_path / "p.safetensors"), verbatim_precision="fp32",
+        embedding = EmbeddingConfig(fitted.embedding.levels, fitted.embedding.base)
+        steps = fitted_steps(tmp_path / "p.safetensors")
+        enc = NF.encode_nern(predictor, {}, "int4", rep, embedding, model, steps=steps, verbatim_precision="fp32",
                              fold=fold)
         path = tmp_path / f"n{fold}.nernz"
         codec.write_container(path, enc, "zstd")
