@@ -120,7 +120,8 @@ def check_outputs(workdir: Path, preset: str, counts: dict[str, int]) -> None:
 
 @pytest.mark.parametrize("preset", ["config.yaml", "config/test.yaml", "config/paper.yaml",
                                     "config/cifar10-public.yaml", "config/cifar10-cpu.yaml",
-                                    "config/cifar10-codec.yaml", "config/cifar10-codec-long.yaml"])
+                                    "config/cifar10-codec.yaml", "config/cifar10-codec-long.yaml",
+                                    "config/cifar10-codec-targets.yaml"])
 @pytest.mark.slow
 def test_every_preset_builds_its_whole_dag_offline(preset: str) -> None:
     config = yaml.safe_load((REPO / preset).read_text())
@@ -181,6 +182,19 @@ def test_the_long_codec_preset_fits_longer_and_tunes_the_verbatim_tensors() -> N
     assert all("symmetry.model.safetensors --permutation" in f for f in fits)
     assert sorted(re.search(r"quantise_bits=(\d)", f).group(1) + re.search(r"hidden=(\d+)", f).group(1)
                   for f in fits) == ["4132", "4160", "6160"]
+
+
+def test_the_targets_codec_preset_sizes_one_fit_per_target() -> None:
+    """config/cifar10-codec-targets.yaml: int4 h134 and int5 h114 (the 50-KB files) for 3,000 distillation iterations,
+    int6 h160 (the 100-KB file) for 1,500, all on the symmetry-permuted network with BatchNorm/FC tuned."""
+    text = dry_run_preset("config/cifar10-codec-targets.yaml")
+    assert job_counts(text) == {"import_weights": 1, "permute_network": 1, "fit": 3, "compress": 3,
+                        "manifest": 1, "tables": 1, "all": 1}
+    fits = [line for line in text.splitlines() if "nern fit" in line]
+    assert all("--set tune_verbatim=true" in f and "symmetry.model.safetensors --permutation" in f for f in fits)
+    found = sorted((re.search(r"quantise_bits=(\d)", f).group(1), re.search(r"hidden=(\d+)", f).group(1),
+                    re.search(r"--set iterations=(\d+)", f).group(1)) for f in fits)
+    assert found == [("4", "134", "3000"), ("5", "114", "3000"), ("6", "160", "1500")]
 
 
 def test_the_cpu_cifar_preset_builds_the_issues_design() -> None:
