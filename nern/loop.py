@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from nern.artifacts import atomic_path
 from nern.checkpoint import Preempted, PreemptionGuard, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from nern.errors import NernError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -130,7 +131,11 @@ class TrainingLoop:
         state = load_checkpoint(self.checkpoint, self.fingerprint)
         if state is None:
             return False
-        self.task.load_state_dict(state)
+        try:
+            self.task.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as exc:  # same config, older code: parameters renamed or reshaped
+            raise NernError(f"checkpoint {self.checkpoint} does not fit this version's state ({exc}); it was "
+                            "probably written by an older version: delete it to start the run afresh") from exc
         self.history.load_state_dict(state)
         set_rng_state(state["rng"])
         self._saved_at = self.task.iteration

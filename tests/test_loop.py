@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nern.checkpoint import Preempted
+from nern.errors import NernError
 from nern.loop import History, LoopPlan, TrainingLoop, clear_resume_state, write_curves
 
 from helpers import Recorder
@@ -120,6 +121,18 @@ def test_finished_run_leaves_a_checkpoint_of_its_end_until_cleared(tmp_path):
     assert again.points == []  # resumed at the end: nothing replayed, nothing logged twice
     clear_resume_state(tmp_path)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_checkpoint_of_an_older_state_layout_is_refused_with_advice(tmp_path):
+    """Same config, older code (a parameter renamed, as the quantiser's step became log_step): a NernError naming
+    the checkpoint and the way out, not torch's missing-key error."""
+    with pytest.raises(Killed):
+        run(Regression(die_at=15), tmp_path)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state["step"] = state.pop("w")
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(NernError, match=r"checkpoint\.pt does not fit this version's state.*delete it"):
+        run(Regression(), tmp_path)
 
 
 def test_sigterm_saves_then_raises_preempted_and_the_rerun_matches(tmp_path):
