@@ -159,7 +159,7 @@ def test_the_codec_preset_fits_quantised_predictors_and_permutes_the_network_for
     preset = "config/cifar10-codec.yaml"
     text = dry_run_preset(preset)
     assert job_counts(text) == {"import_weights": 1, "permute": 1, "permute_network": 1, "fit": 5,
-                        "compress": 5, "manifest": 1, "tables": 1, "all": 1}
+                                "compress": 5, "manifest": 1, "tables": 1, "all": 1}
     assert "--mode symmetry" in text and "--model-out" in text
     assert "permutation/imported/symmetry.model.safetensors --permutation" in text  # the fit reads the permuted net
     assert "--nncodec-qps=-38,-32,-26,-20,-16,-12" in text
@@ -176,7 +176,7 @@ def test_the_long_codec_preset_fits_longer_and_tunes_the_verbatim_tensors() -> N
     preset = "config/cifar10-codec-long.yaml"
     text = dry_run_preset(preset)
     assert job_counts(text) == {"import_weights": 1, "permute_network": 1, "fit": 3, "compress": 3,
-                        "manifest": 1, "tables": 1, "all": 1}
+                                "manifest": 1, "tables": 1, "all": 1}
     fits = [line for line in text.splitlines() if "nern fit" in line]
     assert len(fits) == 3 and all("--set iterations=1500" in f and "--set tune_verbatim=true" in f for f in fits)
     assert all("symmetry.model.safetensors --permutation" in f for f in fits)
@@ -189,7 +189,7 @@ def test_the_targets_codec_preset_sizes_one_fit_per_target() -> None:
     int6 h160 (the 100-KB file) for 1,500, all on the symmetry-permuted network with BatchNorm/FC tuned."""
     text = dry_run_preset("config/cifar10-codec-targets.yaml")
     assert job_counts(text) == {"import_weights": 1, "permute_network": 1, "fit": 3, "compress": 3,
-                        "manifest": 1, "tables": 1, "all": 1}
+                                "manifest": 1, "tables": 1, "all": 1}
     fits = [line for line in text.splitlines() if "nern fit" in line]
     assert all("--set tune_verbatim=true" in f and "symmetry.model.safetensors --permutation" in f for f in fits)
     found = sorted((re.search(r"quantise_bits=(\d)", f).group(1), re.search(r"hidden=(\d+)", f).group(1),
