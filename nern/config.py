@@ -152,6 +152,10 @@ class OptimConfig:
     clip_grad_norm: float | None = None
     # peak learning rate of the reconstruction-only phase (null: optim.lr); that phase has its own cosine schedule
     rec_only_lr: float | None = None
+    # the learnt quantiser steps' learning rate (predictor.quantise_bits) as a multiple of the weights'. They are
+    # learnt as logarithms, where an update of lr moves a step by lr relative, ~25x less than the raw steps of
+    # LSQ moved at 4 bits; never weight-decayed (decay would pull log s to 0, every step towards 1)
+    step_lr_scale: float = 1.0
 
 
 @dataclass
@@ -413,6 +417,7 @@ def validate(cfg: Any) -> None:
     if isinstance(cfg, FitConfig):
         _require(cfg.predictor.hidden >= 1, "predictor.hidden", f"must be a positive integer, got {cfg.predictor.hidden}")
         _require(cfg.predictor.depth >= 2, "predictor.depth", f"must be >= 2 linear layers, got {cfg.predictor.depth}")
+        _require(cfg.optim.step_lr_scale > 0, "optim.step_lr_scale", "must be > 0, e.g. 1 or 10")
         bits = cfg.predictor.quantise_bits
         _require(bits is None or 2 <= bits <= 8, "predictor.quantise_bits",
                  f"must be an integer in [2, 8] or null (float predictor), got {bits}")

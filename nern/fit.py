@@ -37,7 +37,7 @@ from nern.objective import (
     reconstruction_term,
 )
 from nern.predictor import Predictor
-from nern.qat import attach_quantisers, plain_state
+from nern.qat import attach_quantisers, learnt_step_parameters, plain_state
 from nern.reconstruct import (
     NetworkPair,
     Representation,
@@ -249,6 +249,7 @@ class Recipe:
 # -- optimiser and schedule (METHOD.md 7) -----------------------------------------------------------------
 
 def make_optimizer(cfg: FitConfig, params: Any) -> torch.optim.Optimizer:
+    """`params`: parameters or param groups (a group's own lr / weight_decay win over optim's)."""
     o = cfg.optim
     if o.name == "adam":
         return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
@@ -363,7 +364,7 @@ class Fitter:
                                             device=None if self.device.type == "cpu" else self.device)
         self.distillation_total = total_iterations(cfg, self.stream.batches_per_epoch)
         self.total = cfg.rec_only_iterations + self.distillation_total
-        self.optimizer = make_optimizer(cfg, self.trainable())
+        self.optimizer = make_optimizer(cfg, self.param_groups())
         self.scheduler = make_scheduler(cfg, self.optimizer, self.distillation_total)
         self.sampler = KernelSampler(cfg.sampling.method, cfg.sampling.batch, setup.rep.offsets,
                                      setup.targets.norm(dim=1), cfg.sampling.uniform_prob, seed=cfg.seed)
@@ -388,6 +389,17 @@ class Fitter:
     def trainable(self) -> list[nn.Parameter]:
         """The predictor's parameters (quantiser steps included) and, with tune_verbatim, the verbatim tensors."""
         return [*self.predictor.parameters(), *(self.tuned.parameters() if self.tuned is not None else ())]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """`trainable()` for the optimiser: the quantiser steps (nern.qat) in a group of their own, at
+        optim.step_lr_scale x the lr and without weight decay; the rest first, so group 0's lr is the logged one."""
+        steps = set(learnt_step_parameters(self.predictor))
+        rest = [p for p in self.trainable() if p not in steps]
+        if not steps:
+            return [{"params": rest}]
+        o = self.cfg.optim
+        return [{"params": rest}, {"params": [p for p in self.trainable() if p in steps],
+                                   "lr": o.lr * o.step_lr_scale, "weight_decay": 0.0}]
 
     # -- one iteration: embeddings -> predictor -> kernels -> reconstructed network -> losses -> step -----
     def predict_weights(self, sampled: torch.Tensor | None) -> list[torch.Tensor]:
@@ -453,7 +465,7 @@ class Fitter:
     def rebuild_optimizer(self) -> None:
         """A fresh optimiser and schedule over the predictor's parameters as they are now (e.g. with the learnt
         quantiser steps of `nern.qat` attached)."""
-        self.optimizer = make_optimizer(self.cfg, self.trainable())
+        self.optimizer = make_optimizer(self.cfg, self.param_groups())
         self.scheduler = make_scheduler(self.cfg, self.optimizer, self.distillation_total)
         for _ in range(self.iteration):  # the schedule continues where the fit is
             self.scheduler.step()

@@ -100,6 +100,11 @@ def attach_quantisers(predictor: nn.Module, bits: int) -> None:
         parametrize.register_parametrization(linear, "weight", LearntStepQuantiser(linear.weight, bits))
 
 
+def learnt_step_parameters(predictor: nn.Module) -> list[nn.Parameter]:
+    """The quantisers' own parameters (their log steps), for an optimiser group of their own."""
+    return [m.log_step for m in predictor.modules() if isinstance(m, LearntStepQuantiser)]
+
+
 def learnt_steps(predictor: nn.Module) -> dict[str, Tensor]:
     """Each quantised weight's name in the plain predictor's state dict (e.g. "0.weight") -> its steps."""
     steps = {}

@@ -239,6 +239,33 @@ def test_a_quantised_fit_trains_through_the_rounding_and_its_file_holds_what_it_
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_the_steps_learn_in_their_own_group_at_the_scaled_lr_without_weight_decay(fashion_mnist_root, tmp_path):
+    from dataclasses import replace
+
+    from nern.fit import Fitter, prepare
+
+    base = quantised_fit_config(fashion_mnist_root, bits=4)
+    cfg = replace(base, optim=replace(base.optim, step_lr_scale=10.0, weight_decay=1e-3))
+    with Fitter(cfg, prepare(cfg), tmp_path) as fitter:
+        weights, steps = fitter.optimizer.param_groups
+        assert {id(p) for p in steps["params"]} == {id(p) for p in qat.learnt_step_parameters(fitter.predictor)}
+        assert len(steps["params"]) == len(qat.quantisable_linears(fitter.predictor))
+        assert steps["weight_decay"] == 0.0 and weights["weight_decay"] == 1e-3
+        for _ in range(6):  # the schedule scales both groups alike, across the reconstruction/distillation switch
+            assert steps["lr"] == pytest.approx(10.0 * weights["lr"])
+            fitter.step()
+    float_cfg = replace(cfg, predictor=replace(cfg.predictor, quantise_bits=None))
+    with Fitter(float_cfg, prepare(float_cfg), tmp_path / "float") as fitter:
+        assert len(fitter.optimizer.param_groups) == 1
+
+
+def test_a_non_positive_step_lr_scale_is_a_clear_error():
+    from nern.config import FitConfig, load_config
+
+    with pytest.raises(NernError, match=r"optim\.step_lr_scale"):
+        load_config(FitConfig, overrides=["optim.step_lr_scale=0"])
+
+
 def fit_resumes_exactly(cfg, tmp_path, steps_before_kill: int) -> dict:
     """A fit killed after `steps_before_kill` steps and rerun ends bit-identical to one run straight through;
     returns the straight run's predictor file tensors."""
