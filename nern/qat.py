@@ -8,7 +8,8 @@ parametrisation (`torch.nn.utils.parametrize`) that returns
     w_q = round(clamp(w / s, -L, L)) * s,      L = 2**(bits-1) - 1,  s: one learnt step per output row,
 
 with the rounding passed straight through in the backward pass, s learnt as log s (always positive, relative
-updates) and its gradient scaled by 1 / sqrt(numel * L) (LSQ's scaling), s a float16 value. The quantisers serve twice:
+updates) and its gradient scaled by 1 / sqrt(numel * L) (LSQ's scaling), s a float16 value. The fit gives the log
+steps an optimiser group of their own (`optim.step_lr_scale` x the weights' lr, no weight decay). The quantisers serve twice:
 a whole fit through them (`predictor.quantise_bits`, attached by `nern.fit.Fitter` before the first step), and a
 quantisation-aware fine-tune of a float fit (`nern compress --qat-bits`, `nern.compress.finetune_predictor`).
 On public ResNet20 only the first works: a 4-bit fine-tune starts at chance and stays there, a 4-bit fit reaches
