@@ -394,12 +394,12 @@ class Fitter:
         """`trainable()` for the optimiser: the quantiser steps (nern.qat) in a group of their own, at
         optim.step_lr_scale x the lr and without weight decay; the rest first, so group 0's lr is the logged one."""
         steps = set(learnt_step_parameters(self.predictor))
-        rest = [p for p in self.trainable() if p not in steps]
         if not steps:
-            return [{"params": rest}]
+            return [{"params": self.trainable()}]
         o = self.cfg.optim
-        return [{"params": rest}, {"params": [p for p in self.trainable() if p in steps],
-                                   "lr": o.lr * o.step_lr_scale, "weight_decay": 0.0}]
+        trainable = self.trainable()  # in order: the optimiser's state of a resumed fit is matched by position
+        return [{"params": [p for p in trainable if p not in steps]},
+                {"params": [p for p in trainable if p in steps], "lr": o.lr * o.step_lr_scale, "weight_decay": 0.0}]
 
     # -- one iteration: embeddings -> predictor -> kernels -> reconstructed network -> losses -> step -----
     def predict_weights(self, sampled: torch.Tensor | None) -> list[torch.Tensor]:
