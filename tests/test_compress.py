@@ -129,6 +129,23 @@ def test_folded_batchnorm_computes_the_same_function_in_fewer_bytes(tmp_path):
         C.check_options(C.CompressOptions([0], ["global"], ["none"], ["fp32"], batchnorm="merge"))
 
 
+def test_verbatim_floor_keeps_the_matrices_fine_under_a_coarse_predictor(tmp_path):
+    model, rep, predictor = tiny_setup()
+    matrices = {n: t for n, t in NF.verbatim_state(model, rep).items() if t.dim() >= 2}
+    assert matrices, "the tiny network must have a verbatim matrix (its FC) for this test"
+    assert C.finer("int2", "int8") == "int8" and C.finer("fp16", "int8") == "fp16" and C.finer("int4", None) == "int4"
+    errors = {}
+    for floor in (None, "int8"):
+        enc = NF.encode_nern(predictor, {}, "int2", rep, EMBEDDING, model, verbatim_precision=C.finer("int2", floor))
+        path = tmp_path / f"{floor}.nernz"
+        codec.write_container(path, enc)
+        state = NF.read_network(path).state_dict()
+        errors[floor] = max(((state[n] - t).norm() / t.norm()).item() for n, t in matrices.items())
+    assert errors["int8"] < 0.02 < errors[None]
+    with pytest.raises(NernError, match="--verbatim-min 'int9'"):
+        C.check_options(C.CompressOptions([0], ["global"], ["none"], ["fp32"], verbatim_min="int9"))
+
+
 def test_damaged_or_foreign_files_are_user_errors(tmp_path):
     model, rep, predictor = tiny_setup()
     path, _ = write_nern(tmp_path, predictor, {}, "int8", rep, model)

@@ -566,3 +566,21 @@ def test_record_run_copies_tables_figures_and_application_outputs_unchanged(tmp_
     assert not (out / "net/fit/x/compress/files").exists()  # the measured files stay in the run
     record = (out / "RUN.md").read_text()
     assert "snakemake x" in record and "10.0 minutes" in record and "12.5" in record
+
+
+def test_merge_frontiers_keeps_the_original_once_and_recomputes_the_front(tmp_path: Path) -> None:
+    import runpy
+
+    merge = runpy.run_path(str(REPO / "workflow" / "scripts" / "merge_frontiers.py"))["merge"]
+    header = "network,fit,representation,precision,sparsity,finetune,bytes,top1,delta_top1,pareto\n"
+    runs = {"a": ["net,original,original,nnc-20,0,none,100,79.0,-2,True", "net,f/h8,nern,int4,0,none,60,70.0,-11,True"],
+            "b": ["net,original,original,nnc-20,0,none,100,79.0,-2,True", "net,f/h8,nern,int4,0,none,50,75.0,-6,True",
+                  "other,f/h8,nern,int4,0,none,10,99.0,18,True"]}
+    for name, lines in runs.items():
+        (tmp_path / name / "tables").mkdir(parents=True)
+        (tmp_path / name / "tables" / "rate_distortion.csv").write_text(header + "\n".join(lines) + "\n")
+    rows = merge([tmp_path / "a", tmp_path / "b"], "net", None)
+    assert sorted(rows["fit"]) == ["a:f/h8", "b:f/h8", "original"]  # the other network left out, the original once
+    front = dict(zip(rows["fit"], rows["pareto"]))
+    assert front == {"b:f/h8": True, "a:f/h8": False, "original": True}  # a's file is beaten by b's, smaller
+    assert list(merge([tmp_path / "a", tmp_path / "b"], "net", 80)["fit"]) == ["b:f/h8", "a:f/h8"]
