@@ -406,6 +406,22 @@ def _require(cond: bool, key: str, message: str) -> None:
         raise NernError(f"config key '{key}': {message}")
 
 
+def check_device(device: str, key: str = "device") -> None:
+    """Fail before any data is read when the run asks for an accelerator this machine lacks."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise NernError(f"config key '{key}': {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda":
+        _require(torch.cuda.is_available(), key, f"{device!r} asked for, but this machine has no CUDA GPU "
+                 "(torch.cuda.is_available() is False); set device=cpu")
+    if kind == "mps":
+        _require(torch.backends.mps.is_available(), key, f"{device!r} asked for, but MPS is not available here; "
+                 "set device=cpu")
+
+
 def validate(cfg: Any) -> None:
     """Range checks the types cannot express."""
     if isinstance(cfg, (FitConfig, PretrainConfig)):
@@ -414,6 +430,7 @@ def validate(cfg: Any) -> None:
         _require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
         _require(cfg.data.val_size >= 0, "data.val_size", "must be >= 0")
         _require(cfg.represent.max_kernel >= 1, "represent.max_kernel", "must be >= 1")
+        check_device(cfg.device)
     if isinstance(cfg, FitConfig):
         _require(cfg.predictor.hidden >= 1, "predictor.hidden", f"must be a positive integer, got {cfg.predictor.hidden}")
         _require(cfg.predictor.depth >= 2, "predictor.depth", f"must be >= 2 linear layers, got {cfg.predictor.depth}")

@@ -641,6 +641,12 @@ def save_predictor(path: Path, predictor: Predictor, rep: Representation, cfg: F
     save_tensors(path, tensors, meta)
 
 
+def portable_config(stored: dict[str, Any]) -> dict[str, Any]:
+    """A predictor file's fit config without where and how the fit ran (device, threads, compile, progress):
+    a predictor fitted on a cluster GPU is read back on a laptop with that machine's settings."""
+    return {k: copy.deepcopy(v) for k, v in stored.items() if k not in NON_RESULT_KEYS}
+
+
 def load_predictor(path: str | Path, model: nn.Module) -> tuple[Predictor, Representation, FitConfig]:
     """Rebuild predictor and representation from a predictor file; refuses a file made for another model."""
     from nern.artifacts import load_tensors
@@ -649,7 +655,7 @@ def load_predictor(path: str | Path, model: nn.Module) -> tuple[Predictor, Repre
     tensors, meta = load_tensors(path)
     if meta.get("kind") != "nern-predictor":
         raise NernError(f"{path} is not a NeRN predictor file; pass the predictor.safetensors written by `nern fit`")
-    cfg = load_config(FitConfig, base=meta["config"])
+    cfg = load_config(FitConfig, base=portable_config(meta["config"]))
     layers = find_conv_layers(model, cfg.represent)
     stored = [(d["name"], tuple(d["shape"])) for d in meta["layers"]]
     actual = [(layer.name, layer.shape) for layer in layers]

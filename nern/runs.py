@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import os
 from collections.abc import Iterator, Mapping
@@ -141,12 +140,13 @@ def log_outputs(tracker: Tracker, out: Path, metrics: Mapping[str, Any], files: 
 def fitted_config(args: argparse.Namespace) -> FitConfig:
     """The fit's own config (data, embedding, losses) from the predictor file, then --model, --config, --set."""
     from nern.artifacts import read_metadata
+    from nern.fit import portable_config
     from nern.models import model_overrides
 
     stored = read_metadata(args.predictor).get("config")
     if not isinstance(stored, dict):
         raise NernError(f"{args.predictor} holds no fit config; pass the predictor.safetensors written by `nern fit`")
-    base = copy.deepcopy(stored)
+    base = portable_config(stored)  # this machine's device and threads unless --set says otherwise
     base["model"] = {**base.get("model", {}), **model_overrides(args.model).get("model", {})}
     return load_config(FitConfig, args.config, args.set, base=base)
 

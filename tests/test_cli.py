@@ -249,3 +249,23 @@ def test_permute_symmetry_writes_an_equivalent_network_that_costs_no_bytes(tmp_p
     positions, mode, cost = _positions(layers, out)
     assert (mode, cost) == ("symmetry", 0)
     assert all(torch.equal(p, torch.arange(len(p))) for p in positions)
+
+
+def test_a_predictor_fitted_on_a_gpu_is_read_with_this_machines_settings(fitted, grey_model, tmp_path):
+    """compress/importance take the fit's own config from the file, but not where it ran: a predictor fitted with
+    device=cuda on a cluster must be read back on a CPU-only laptop (it failed with 'no NVIDIA driver')."""
+    import argparse
+
+    from nern.artifacts import load_tensors, save_tensors
+    from nern.runs import fitted_config
+
+    tensors, meta = load_tensors(fitted / "predictor.safetensors")
+    meta["config"].update(device="cuda:3", threads=64, compile=True, progress=True)
+    moved = tmp_path / "predictor.safetensors"
+    save_tensors(moved, tensors, meta)
+    args = argparse.Namespace(predictor=str(moved), model=str(grey_model), config=None, set=[])
+    cfg = fitted_config(args)
+    assert (cfg.device, cfg.threads, cfg.compile) == ("cpu", None, False)
+    assert cfg.predictor.hidden == 16 and cfg.embedding.levels == 4  # the representation still comes from the file
+    args.set = ["device=cpu", "threads=2"]
+    assert fitted_config(args).threads == 2  # --set still decides

@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from nern.config import FitConfig, check_overrides, flatten, load_config, to_dict
+from nern.config import FitConfig, PretrainConfig, check_overrides, flatten, load_config, to_dict
 from nern.errors import NernError
 
 
@@ -26,6 +27,7 @@ def test_yaml_and_overrides(tmp_path):
     (["predictor.hidden=abc"], "predictor.hidden"),
     (["sampling.uniform_prob=1.5"], "sampling.uniform_prob"),
     (["nonsense=1"], "nonsense"),
+    (["device=gpu"], "not a torch device"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(NernError, match=needle.replace(".", r"\.")):
@@ -43,3 +45,11 @@ def test_check_overrides_checks_keys_and_types_but_not_ranges():
         check_overrides(FitConfig, ["predictor.hiden=3"])
     with pytest.raises(NernError, match=r"predictor\.hidden"):
         check_overrides(FitConfig, ["predictor.hidden=abc"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_asking_for_a_gpu_on_a_machine_without_one_fails_before_any_data_is_read():
+    with pytest.raises(NernError, match=r"'device'.*no CUDA GPU.*device=cpu"):
+        load_config(FitConfig, None, ["device=cuda"])
+    with pytest.raises(NernError, match=r"'device'.*no CUDA GPU"):
+        load_config(PretrainConfig, None, ["device=cuda:1"])
