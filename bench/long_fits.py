@@ -7,8 +7,9 @@ calls), in two passes:
      iteration takes with all of them sharing the device, and each process's fixed cost (start, data, final eval);
   2. the real pass, every schedule (reconstruction-only steps and distillation iterations) multiplied by the
      largest factor whose estimated time fits --budget-seconds (capped by --max-scale).
-Every fit's predictor, metrics and resolved config are packed into one tar under --out, to be compressed and
-measured on the full test set by `nern compress` elsewhere (the accuracy a user gets is that of the file).
+Every fit's predictor (its config travels in the file's metadata), metrics and log are packed into one tar under
+--out, to be compressed and measured on the full test set by `nern compress` elsewhere (the accuracy a user gets is
+that of the file).
 
     python bench/long_fits.py --model M --permutation P --data-root DIR --out DIR --budget-seconds 330
 """
@@ -104,7 +105,10 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=None, help="skip the probe and use this multiplier")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     args = p.parse_args()
-    for name in [c for c in CONFIGS if c not in args.configs.split(",")]:
+    chosen = args.configs.split(",")
+    if unknown := [c for c in chosen if c not in CONFIGS]:
+        p.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
+    for name in [c for c in CONFIGS if c not in chosen]:
         del CONFIGS[name]
     args.out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"configs": {k: COMMON + v for k, v in CONFIGS.items()}, "base": [BASE_REC_ONLY, BASE_ITERATIONS]}
@@ -128,7 +132,7 @@ def main() -> None:
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     with tarfile.open(args.out / "fits.tar", "w") as tar:
         for name in CONFIGS:
-            for f in ("predictor.safetensors", "metrics.json", "config.yaml", "fit.log"):
+            for f in ("predictor.safetensors", "metrics.json", "fit.log"):
                 path = args.work / "long" / name / f
                 if path.exists():
                     tar.add(path, arcname=f"{name}/{f}")

@@ -7,24 +7,31 @@ predictor.safetensors, and `nern compress`'s output under compress/ (the accurac
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nern.artifacts import read_metadata  # noqa: E402
+from nern.table_format import to_markdown  # noqa: E402
 
 
-def row(label: str, fit_dir: Path, precision: str) -> str:
+def row(label: str, fit_dir: Path, precision: str | None) -> dict:
+    """The fit's schedule (from the predictor file's own config), its accuracies, and its file's bytes and top-1
+    (the file at `precision`, by default the fit's own intN)."""
     metrics = json.loads((fit_dir / "metrics.json").read_text())
     cfg = read_metadata(fit_dir / "predictor.safetensors")["config"]
-    files = list(csv.DictReader((fit_dir / "compress" / "compression.csv").open()))
-    nern = next(r for r in files if r["representation"] == "nern" and r["precision"] == precision)
-    return (f"| {label} | {cfg['predictor']['quantise_bits']} | {cfg['predictor']['hidden']} | {cfg['seed']} "
-            f"| {cfg['rec_only_iterations']:,} | {cfg['iterations']:,} | {metrics['reconstructed_val_top1']:.2f} "
-            f"| {metrics['reconstructed_top1']:.2f} | {int(nern['bytes']):,} | {float(nern['top1']):.2f} |")
+    bits = cfg["predictor"]["quantise_bits"]
+    files = pd.read_csv(fit_dir / "compress" / "compression.csv")
+    nern = files[(files.representation == "nern") & (files.precision == (precision or f"int{bits}"))].iloc[0]
+    return {"fit": label, "bits": bits, "h": cfg["predictor"]["hidden"], "seed": cfg["seed"],
+            "reconstruction steps": cfg["rec_only_iterations"], "distillation iterations": cfg["iterations"],
+            "validation top-1": metrics["reconstructed_val_top1"],
+            "fit top-1 (its own test)": metrics["reconstructed_top1"],
+            "file bytes": int(nern["bytes"]), "file top-1 (10,000 test images)": float(nern["top1"])}
 
 
 def main() -> None:
@@ -32,14 +39,9 @@ def main() -> None:
     p.add_argument("fits", nargs="+", help="LABEL=DIR")
     p.add_argument("--precision", default=None, help="file precision to report (default: the fit's own intN)")
     args = p.parse_args()
-    print("| fit | bits | h | seed | reconstruction steps | distillation iterations | validation top-1 "
-          "| fit top-1 (its own test) | file | file top-1 (10,000 test images) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for item in args.fits:
-        label, _, directory = item.partition("=")
-        fit_dir = Path(directory)
-        bits = read_metadata(fit_dir / "predictor.safetensors")["config"]["predictor"]["quantise_bits"]
-        print(row(label, fit_dir, args.precision or f"int{bits}"))
+    rows = [row(label, Path(directory), args.precision)
+            for label, _, directory in (item.partition("=") for item in args.fits)]
+    print(to_markdown(pd.DataFrame(rows)), end="")
 
 
 if __name__ == "__main__":

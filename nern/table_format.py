@@ -7,6 +7,7 @@ aggregates runs into the paper's tables), so neither has to import the other.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pandas as pd
@@ -29,7 +30,7 @@ def format_cell(column: str, value: Any) -> str:
             return f"{value:+.2f}"
         if "top-1" in column:
             return f"{value:.2f}"
-        if "ratio" in column:
+        if re.search(r"\bratio\b", column):  # not "iterations", which holds the letters too
             return f"{value:.3f}"
         if "RMSE" in column:
             return f"{value:.4g}"

@@ -198,3 +198,9 @@ def test_a_manifest_row_without_a_key_of_the_schema_is_a_user_error_naming_it(ma
     manifest.write_text(yaml.safe_dump(data))
     with pytest.raises(NernError, match=r"rows\[2\] has no 'permutation'"):
         tables.load_manifest(manifest)
+
+
+def test_counts_whose_name_holds_the_letters_ratio_stay_counts() -> None:
+    assert tables.format_cell("size ratio", 0.4321) == "0.432"
+    assert tables.format_cell("ratio vs original fp32", 12.0) == "12.000"
+    assert tables.format_cell("distillation iterations", 1500) == "1500"
