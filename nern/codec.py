@@ -5,8 +5,8 @@
 - a pruned tensor is a bitmask (`packbits`) plus its kept values only;
 - `fp16` stores values as float16; `intN` stores symmetric per-output-channel integers plus one float32 scale
   per channel (the scale given, e.g. a step learnt by `nern.qat`, or max |w| over the largest level), stored as
-  float16 where that is lossless;
-  1-D tensors (biases, BatchNorm) stay float32 under `intN`;
+  float16 where that is lossless; a 1-D tensor (biases, BatchNorm) asked for `intN` gets one scale for the whole
+  tensor (which 1-D tensors are asked so is the file writer's policy, `nern.network_files.tensor_precision`);
 - N = 1, 2, 4 bits are bit-packed into whole bytes; other widths below 8 are stored one value per byte:
   packing 3 or 6 bits across byte boundaries hides the symbols from the entropy coder (zstd's Huffman stage:
   3-bit Gaussian levels, 26.9 KB one per byte vs 32.0 KB packed, entropy bound 25.9 KB);
@@ -130,8 +130,13 @@ def fake_quantise(w: torch.Tensor, precision: str, mask: torch.Tensor | None = N
 
 
 def quantisable(t: torch.Tensor, precision: str) -> bool:
-    """Integer codecs apply to weight matrices and kernels; biases and BatchNorm stay float32 (standard PTQ)."""
-    return bits_of(precision) > 0 and t.is_floating_point() and t.dim() >= 2
+    """Integer codecs apply to float tensors of any rank: per output channel from 2-D up, per tensor in 1-D."""
+    return bits_of(precision) > 0 and t.is_floating_point() and t.dim() >= 1 and t.numel() > 0
+
+
+def _channel_rows(t: torch.Tensor) -> torch.Tensor:
+    """The tensor as [channels, rest]: a 1-D tensor is one channel (one scale for all of it)."""
+    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
 
 
 def encode_tensor(name: str, t: torch.Tensor, precision: str, mask: torch.Tensor | None = None,
@@ -153,9 +158,11 @@ def encode_tensor(name: str, t: torch.Tensor, precision: str, mask: torch.Tensor
         return out, spec
     if quantisable(t, precision):
         bits = bits_of(precision)
-        scale = channel_scales(t, bits, mask) if scale is None else scale.detach().float().reshape(-1).cpu()
+        rows = _channel_rows(t)
+        row_mask = _channel_rows(mask.detach().cpu()) if mask is not None else None
+        scale = channel_scales(rows, bits, row_mask) if scale is None else scale.detach().float().reshape(-1).cpu()
         levels = 2 ** (bits - 1) - 1
-        unsigned = (quantise(t, bits, scale).reshape(-1) + levels).to(torch.uint8)
+        unsigned = (quantise(rows, bits, scale).reshape(-1) + levels).to(torch.uint8)
         out[f"{name}.values"] = pack_bits(unsigned[keep] if keep is not None else unsigned, bits)
         out[f"{name}.scale"] = compact_scale(scale)
         spec.update(codec=precision, bits=bits)
@@ -181,7 +188,7 @@ def decode_tensor(name: str, spec: dict[str, Any], tensors: dict[str, torch.Tens
         levels = 2 ** (bits - 1) - 1
         values = unpack_bits(tensors[f"{name}.values"], bits, count).to(torch.int16) - levels
         scale = tensors[f"{name}.scale"].float()
-        rows = torch.arange(numel) // (numel // shape[0])
+        rows = torch.arange(numel) // (numel // scale.numel())  # one scale per channel, or one for a 1-D tensor
         rows = rows[keep] if keep is not None else rows
         values = values.float() * scale[rows]
     else:

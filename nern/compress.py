@@ -158,7 +158,7 @@ class CompressOptions:
     finetune_lr: float | None = None  # None: a fifth of the fit's peak learning rate
     compressor: str = "zstd"
     keep_files: bool = True
-    vectors: str = "fp32"  # 1-D tensors (biases, BatchNorm) of every integer-coded file: fp32 or fp16
+    vectors: str = "fp32"  # 1-D tensors (biases, BatchNorm) of every integer-coded file: fp32, fp16 or int8
     qat_bits: list[int] = dataclasses.field(default_factory=list)  # quantisation-aware fine-tunes, one per width
     qat_iterations: int | None = None  # None: the fit's distillation iterations, within [50, 2000]
     nncodec_qps: list[int] = dataclasses.field(default_factory=list)  # NNCodec on the original and the predictor
@@ -166,7 +166,7 @@ class CompressOptions:
     verbatim_min: str | None = None  # NeRN files' verbatim matrices (FC, unrepresented convs) at least this fine
 
 
-VECTOR_PRECISIONS = ("fp32", "fp16")
+VECTOR_PRECISIONS = ("fp32", "fp16", "int8")
 BATCHNORM_MODES = ("keep", "fold")
 
 
@@ -597,7 +597,8 @@ def register_cli(subparsers: Any, name: str) -> None:
     p.add_argument("--precisions", default="fp32,fp16,int8,int4", help=f"from {', '.join(PRECISIONS)}")
     p.add_argument("--compressor", default="zstd", choices=list(COMPRESSORS), help="lossless codec on every file")
     p.add_argument("--vectors", default="fp32", choices=list(VECTOR_PRECISIONS),
-                   help="1-D tensors (biases, BatchNorm) of integer-coded files, NeRN and original alike")
+                   help="1-D tensors (biases, BatchNorm) of integer-coded files, NeRN and original alike; int8: one "
+                   "scale per tensor")
     p.add_argument("--qat-bits", default="", help="quantisation-aware fine-tunes of the predictor (learnt steps), "
                    f"one per width in [{MIN_BITS}, {MAX_BITS}], comma-separated, e.g. 4,3 (default: none)")
     p.add_argument("--qat-iterations", type=int, help="quantisation-aware fine-tune length (default: the fit's "

@@ -76,7 +76,7 @@ def test_pruned_quantised_predictor_reads_back_bit_exact(tmp_path, precision, sp
     path, _ = write_nern(tmp_path, pruned, masks, precision, rep, model)
     decoded = NF.decode_predictor(*codec.read_container(path)).state_dict()
     for key, value in pruned.state_dict().items():
-        expected = codec.fake_quantise(value, precision, masks.get(key))
+        expected = codec.fake_quantise(value, NF.tensor_precision(value, precision, "fp32"), masks.get(key))
         assert torch.equal(decoded[key], expected), key
         if key in masks:
             assert torch.all(decoded[key][~masks[key]] == 0)
@@ -144,6 +144,36 @@ def test_verbatim_floor_keeps_the_matrices_fine_under_a_coarse_predictor(tmp_pat
     assert errors["int8"] < 0.02 < errors[None]
     with pytest.raises(NernError, match="--verbatim-min 'int9'"):
         C.check_options(C.CompressOptions([0], ["global"], ["none"], ["fp32"], verbatim_min="int9"))
+
+
+def test_int8_vectors_keep_biases_and_batchnorm_within_half_a_step_in_fewer_bytes(tmp_path):
+    """--vectors int8: every 1-D tensor of an integer file is one int8 scale-and-levels tensor, read back within
+    half its step of the original; the file shrinks; matrices are untouched by the option."""
+    model, rep, predictor = tiny_setup()
+    model = _with_batchnorm_statistics(model)
+    sizes, states = {}, {}
+    for vectors in ("fp16", "int8"):
+        enc = NF.encode_nern(predictor, {}, "int4", rep, EMBEDDING, model, vectors=vectors, fold=True)
+        path = tmp_path / f"{vectors}.nernz"
+        sizes[vectors] = codec.write_container(path, enc)["bytes"]
+        tensors, _ = codec.read_container(path)
+        states[vectors] = tensors
+        assert all(enc.specs[n]["codec"] == (vectors if t.dim() == 1 else "int4")
+                   for n, t in tensors.items() if t.is_floating_point() and not n.startswith("scales")), vectors
+    reference = {**{f"predictor.{k}": v for k, v in predictor.state_dict().items()},
+                 **{f"verbatim.{k}": v for k, v in NF.fold_batchnorm(NF.verbatim_state(model, rep), model)[0].items()}}
+    vectors_checked = 0
+    for name, t in reference.items():
+        if t.dim() != 1 or not t.is_floating_point():
+            continue
+        half_step = t.abs().max() / 127 / 2
+        assert (states["int8"][name] - t).abs().max() <= half_step * (1 + 1e-3) + 1e-7, name
+        vectors_checked += 1
+    assert vectors_checked > 10  # predictor biases and every folded BatchNorm
+    assert all(torch.equal(states["int8"][n], states["fp16"][n]) for n, t in reference.items() if t.dim() >= 2)
+    assert sizes["int8"] < sizes["fp16"]
+    with pytest.raises(NernError, match="--vectors 'int4'"):
+        C.check_options(C.CompressOptions([0], ["global"], ["none"], ["fp32"], vectors="int4"))
 
 
 def test_damaged_or_foreign_files_are_user_errors(tmp_path):
