@@ -27,7 +27,8 @@ def row(label: str, fit_dir: Path, precision: str | None) -> dict:
     bits = cfg["predictor"]["quantise_bits"]
     files = pd.read_csv(fit_dir / "compress" / "compression.csv")
     nern = files[(files.representation == "nern") & (files.precision == (precision or f"int{bits}"))].iloc[0]
-    return {"fit": label, "bits": bits, "h": cfg["predictor"]["hidden"], "seed": cfg["seed"],
+    return {"fit": label, "bits": bits, "h": cfg["predictor"]["hidden"], "depth": cfg["predictor"]["depth"],
+            "levels L": cfg["embedding"]["levels"], "fmd weight": cfg["loss"]["fmd"], "seed": cfg["seed"],
             "reconstruction steps": cfg["rec_only_iterations"], "distillation iterations": cfg["iterations"],
             "validation top-1": metrics["reconstructed_val_top1"],
             "fit top-1 (its own test)": metrics["reconstructed_top1"],
