@@ -24,20 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nern import data as D  # noqa: E402
 from nern import network_files as NF  # noqa: E402
 from nern.config import DataConfig  # noqa: E402
+from nern.evaluate import top_k_accuracy  # noqa: E402
 
 
 def top1(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, info: D.DatasetInfo) -> float:
-    correct = 0
+    batches = ((D.normalise(images[i:i + 1000].clone(), info), labels[i:i + 1000]) for i in range(0, len(images), 1000))
     with torch.no_grad():
-        for i in range(0, len(images), 1000):
-            correct += int((net(D.normalise(images[i:i + 1000].clone(), info)).argmax(1) == labels[i:i + 1000]).sum())
-    return 100.0 * correct / len(images)
+        return top_k_accuracy(net, batches)["top1"]
 
 
 def channel_outputs(net: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    """[channels, everything else] output of module `name` on `x`."""
+    """[channels, everything else] output of module `name` on `x` (cloned: an in-place activation may follow)."""
     seen: dict[str, torch.Tensor] = {}
-    hook = dict(net.named_modules())[name].register_forward_hook(lambda m, i, o: seen.setdefault("y", o))
+    module = dict(net.named_modules())[name]
+    hook = module.register_forward_hook(lambda m, i, o: seen.setdefault("y", o.detach().clone()))
     with torch.no_grad():
         net(x)
     hook.remove()
