@@ -39,6 +39,15 @@ CONFIGS: dict[str, list[str]] = {
     "int4-h132-lr2x-s0": ["--set", "predictor.hidden=132", "--set", "seed=0", "--set", "optim.lr=4.0e-3"],
     "int3-h152-s0": ["--set", "predictor.hidden=152", "--set", "seed=0", "--set", "predictor.quantise_bits=3"],
 }
+# Session 17: the feature-map distillation weight below 0.1 and the KD temperature (the KD weight scaled by T^2,
+# Hinton's convention, so its gradient keeps its size), four seeds each, at the 48-KB size (session 17 ran them on an H200 in two calls of 10).
+for _seed in (0, 1, 2, 3):
+    _h132 = ["--set", "predictor.hidden=132", "--set", f"seed={_seed}"]
+    for _fmd in ("0.1", "0.05", "0.03"):
+        CONFIGS[f"int4-h132-fmd{_fmd}-s{_seed}"] = [*_h132, "--set", f"loss.fmd={_fmd}"]
+    for _t in (2, 4):
+        CONFIGS[f"int4-h132-fmd0.1-T{_t}-s{_seed}"] = [*_h132, "--set", "loss.fmd=0.1", "--set",
+                                                      f"loss.temperature={_t}", "--set", f"loss.kd={_t * _t}"]
 
 
 def fit_command(args: argparse.Namespace, name: str, scale: float, out: Path) -> list[str]:
