@@ -1,7 +1,10 @@
 """One markdown table over fits measured as files: each fit directory holds `nern fit`'s metrics.json and
 predictor.safetensors, and `nern compress`'s output under compress/ (the accuracy of the file read back).
 
-    python bench/long_fits_table.py LABEL=DIR [LABEL=DIR ...] [--precision int4]
+    python bench/long_fits_table.py LABEL=DIR [LABEL=DIR ...] [--precision int4] [--group "fmd weight,KD T"]
+
+--group adds a second table: per setting (the named columns), how many fits and the mean +- sd (n-1) of the
+accuracies, so that settings are compared over seeds, not by their luckiest draw.
 """
 
 from __future__ import annotations
@@ -40,10 +43,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("fits", nargs="+", help="LABEL=DIR")
     p.add_argument("--precision", default=None, help="file precision to report (default: the fit's own intN)")
+    p.add_argument("--group", default=None, help="comma-separated columns: also print mean +- sd per setting")
     args = p.parse_args()
-    rows = [row(label, Path(directory), args.precision)
-            for label, _, directory in (item.partition("=") for item in args.fits)]
-    print(to_markdown(pd.DataFrame(rows)), end="")
+    rows = pd.DataFrame([row(label, Path(directory), args.precision)
+                         for label, _, directory in (item.partition("=") for item in args.fits)])
+    print(to_markdown(rows), end="")
+    if args.group:
+        print("\n" + to_markdown(group_summary(rows, args.group.split(","))), end="")
+
+
+ACCURACIES = ["validation top-1", "fit top-1 (its own test)", "file top-1 (10,000 test images)"]
+
+
+def group_summary(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Mean +- sample sd of every accuracy column per setting, with the number of fits and the best file."""
+    if missing := [k for k in keys if k not in rows.columns]:
+        raise SystemExit(f"--group: unknown column(s) {missing}; choose from {', '.join(rows.columns)}")
+    grouped = rows.groupby(keys, sort=False)
+    out = grouped.size().rename("fits").to_frame()
+    for column in ACCURACIES:
+        stats = grouped[column].agg(["mean", "std"])
+        out[column + " (mean +- sd)"] = [f"{m:.2f} +- {s:.2f}" for m, s in zip(stats["mean"], stats["std"].fillna(0))]
+    out["best file top-1"] = grouped[ACCURACIES[-1]].max()
+    return out.reset_index()
 
 
 if __name__ == "__main__":
