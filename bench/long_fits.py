@@ -40,7 +40,8 @@ CONFIGS: dict[str, list[str]] = {
     "int3-h152-s0": ["--set", "predictor.hidden=152", "--set", "seed=0", "--set", "predictor.quantise_bits=3"],
 }
 # Session 17: the feature-map distillation weight below 0.1 and the KD temperature (the KD weight scaled by T^2,
-# Hinton's convention, so its gradient keeps its size), four seeds each, at the 48-KB size (session 17 ran them on an H200 in two calls of 10).
+# Hinton's convention, so its gradient keeps its size), four seeds each, at the 48-KB size (session 17 ran them on
+# an H200 in two calls of ten).
 for _seed in (0, 1, 2, 3):
     _h132 = ["--set", "predictor.hidden=132", "--set", f"seed={_seed}"]
     for _fmd in ("0.1", "0.05", "0.03"):

@@ -32,7 +32,8 @@ def row(label: str, fit_dir: Path, precision: str | None) -> dict:
     nern = files[(files.representation == "nern") & (files.precision == (precision or f"int{bits}"))].iloc[0]
     return {"fit": label, "bits": bits, "h": cfg["predictor"]["hidden"], "depth": cfg["predictor"]["depth"],
             "levels L": cfg["embedding"]["levels"], "fmd weight": cfg["loss"]["fmd"], "kd weight": cfg["loss"]["kd"],
-            "KD T": cfg["loss"].get("temperature", 1.0), "weight decay": cfg["optim"]["weight_decay"], "seed": cfg["seed"],
+            "KD T": cfg["loss"].get("temperature", 1.0), "weight decay": cfg["optim"]["weight_decay"],
+            "seed": cfg["seed"],
             "reconstruction steps": cfg["rec_only_iterations"], "distillation iterations": cfg["iterations"],
             "validation top-1": metrics["reconstructed_val_top1"],
             "fit top-1 (its own test)": metrics["reconstructed_top1"],
