@@ -28,9 +28,8 @@ from nern.evaluate import top_k_accuracy  # noqa: E402
 
 
 def top1(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, info: D.DatasetInfo) -> float:
-    batches = ((D.normalise(images[i:i + 1000].clone(), info), labels[i:i + 1000]) for i in range(0, len(images), 1000))
     with torch.no_grad():
-        return top_k_accuracy(net, batches)["top1"]
+        return top_k_accuracy(net, D.eval_batches(D.ImageSet(images, labels, info), 1000))["top1"]
 
 
 def channel_outputs(net: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +68,7 @@ def main() -> None:
     train, _ = D.load_arrays(cfg, "train")
     test, labels = D.load_arrays(cfg, "test")
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.images]
-    calibration = D.normalise(train[pick].clone(), info)
+    calibration = D.normalise(train[pick], info)  # a float copy: train stays uint8
     rebuilt, original = NF.read_network(args.nern_file).eval(), NF.read_network(args.original_file).eval()
     print(f"file as written: {top1(rebuilt, test, labels, info):.2f}%")
     for mode, with_std in (("mean", False), ("meanstd", True)):
