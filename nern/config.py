@@ -119,6 +119,9 @@ class LossConfig:
     # raw: the paper's RMSE over all weights, dominated by the layers with the largest weights; normalized:
     # each layer's error in units of its own weight std (fast preset), so small-weight layers are learnt too
     rec_space: Literal["raw", "normalized"] = "raw"
+    # Not the paper's: the student's cross-entropy on the task's labels, weighted like kd/fmd (same schedule).
+    # 0 keeps NeRN label-free, as published; > 0 needs labelled images (not data_free).
+    ce: float = 0.0
 
 
 @dataclass
@@ -440,8 +443,10 @@ def validate(cfg: Any) -> None:
                  f"must be an integer in [2, 8] or null (float predictor), got {bits}")
         _require(cfg.embedding.levels >= 1, "embedding.levels", "must be >= 1")
         _require(cfg.embedding.base > 0, "embedding.base", "must be > 0")
-        for name in ("rec", "kd", "fmd"):
+        for name in ("rec", "kd", "fmd", "ce"):
             _require(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be >= 0")
+        _require(not (cfg.loss.ce > 0 and cfg.data_free), "loss.ce",
+                 "needs the task's labels: set loss.ce=0 or data_free=false (noise has no labels)")
         _require(cfg.loss.warmup >= 0, "loss.warmup", "must be >= 0")
         _require(cfg.loss.temperature > 0, "loss.temperature", "must be > 0")
         _require(cfg.sampling.batch >= 1, "sampling.batch", "must be >= 1")

@@ -32,6 +32,7 @@ from nern.loop import CHECKPOINT_FILE, History, LoopPlan, TrainingLoop, clear_re
 from nern.objective import (
     LossWeights,
     distillation_terms,
+    label_term,
     kernel_reconstruction_term,
     nern_objective,
     reconstruction_term,
@@ -160,6 +161,8 @@ DEPARTURES = (
     Departure("tune_verbatim", False,
               "distillation also trains the reconstructed network's verbatim tensors (BatchNorm affine, FC): they "
               "are stored anyway, so a codec gets their adjustment to the predicted kernels for no bytes"),
+    Departure("loss.ce", 0.0, "a cross-entropy term on the task's labels beside KD and FMD: the paper's NeRN uses "
+              "no labels; a codec that may see them can spend a small predictor's capacity on the task"),
     Departure("optim.warmup_iterations", 0, "a linear learning-rate warm-up of the distillation phase"),
     Departure("autocast_bf16", False, "predictor and reconstructed network in bfloat16 (throughput); losses in fp32"),
     Departure("compile", False, "torch.compile: one fused graph per network (throughput, same losses to ~1e-3)"),
@@ -207,12 +210,12 @@ def kernel_rows(cfg: FitConfig, setup: FitSetup, layer_weights: list[float] | No
                       sampler)
 
 
-def distillation_weights(cfg: FitConfig, iteration: int) -> tuple[float, float]:
-    """(kd, fmd) weights at this step: zero in the reconstruction-only phase and in the `loss.warmup`
+def distillation_weights(cfg: FitConfig, iteration: int) -> tuple[float, float, float]:
+    """(kd, fmd, ce) weights at this step: zero in the reconstruction-only phase and in the `loss.warmup`
     iterations after it (the paper's warm-up for ResNet56 and ImageNet)."""
     if iteration < cfg.rec_only_iterations + cfg.loss.warmup:
-        return 0.0, 0.0
-    return cfg.loss.kd, cfg.loss.fmd
+        return 0.0, 0.0, 0.0
+    return cfg.loss.kd, cfg.loss.fmd, cfg.loss.ce
 
 
 class Recipe:
@@ -336,6 +339,7 @@ class Terms:
     rec: torch.Tensor
     kd: torch.Tensor
     fmd: torch.Tensor
+    ce: torch.Tensor
 
 
 class Fitter:
@@ -409,31 +413,34 @@ class Fitter:
     def reconstruction(self, weights: list[torch.Tensor]) -> torch.Tensor:
         return reconstruction_term(weights, self.rec_targets, self.recipe.rec_layer_weights)
 
-    def _student_terms(self, weights: list[torch.Tensor], x: torch.Tensor, teacher_logits: torch.Tensor,
-                       teacher_maps: list[torch.Tensor], use_kd: bool, use_fmd: bool) -> tuple[torch.Tensor, ...]:
-        """The reconstructed network on `x` and its distillation terms: one graph when compiled."""
+    def _student_terms(self, weights: list[torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
+                       teacher_logits: torch.Tensor, teacher_maps: list[torch.Tensor], use_kd: bool, use_fmd: bool,
+                       use_ce: bool) -> tuple[torch.Tensor, ...]:
+        """The reconstructed network on `x` and its distillation (and label) terms: one graph when compiled."""
         logits, maps = self.networks.student(weights, x)
-        return distillation_terms(logits, maps, teacher_logits, teacher_maps, self.cfg.loss.temperature, use_kd,
-                                  use_fmd)
+        kd, fmd = distillation_terms(logits, maps, teacher_logits, teacher_maps, self.cfg.loss.temperature, use_kd,
+                                     use_fmd)
+        return kd, fmd, label_term(logits, labels, use_ce)
 
     def objective(self, weights: list[torch.Tensor], lam: LossWeights) -> Terms:
         """L from the predicted weights and, when this iteration distils, both networks on one batch."""
         rec = self.reconstruction(weights)
-        kd = fmd = torch.zeros((), device=self.device)
+        kd = fmd = ce = torch.zeros((), device=self.device)
         if lam.distils:
-            x = self.stream.next()[0].to(self.device, non_blocking=True)
+            x, labels = (t.to(self.device, non_blocking=True) for t in self.stream.next())
             with torch.no_grad():
                 teacher_logits, teacher_maps = self.networks.teacher(x)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
-                kd, fmd = self._distil(weights, x, teacher_logits, teacher_maps, lam.kd > 0, lam.fmd > 0)
-        return Terms(nern_objective(lam, rec, kd, fmd), rec, kd, fmd)
+                kd, fmd, ce = self._distil(weights, x, labels, teacher_logits, teacher_maps, lam.kd > 0, lam.fmd > 0,
+                                           lam.ce > 0)
+        return Terms(nern_objective(lam, rec, kd, fmd, ce), rec, kd, fmd, ce)
 
     def kernel_rows_objective(self, lam: LossWeights) -> Terms:
         """A reconstruction-only step on `rec_only_batch` kernel rows: only those go through the predictor."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
             rec = self.rec_rows.term(self.forward_predictor, self.s.embeddings)
         zero = rec.new_zeros(())
-        return Terms(nern_objective(lam, rec, zero, zero), rec, zero, zero)
+        return Terms(nern_objective(lam, rec, zero, zero), rec, zero, zero, zero)
 
     def full_objective(self, lam: LossWeights) -> Terms:
         sampled = self.sampler.sample()
@@ -460,7 +467,7 @@ class Fitter:
         self.scheduler.step()
         self.iteration += 1
         return {"loss": terms.loss.item(), "rec": terms.rec.item(), "kd": terms.kd.item(),
-                "fmd": terms.fmd.item(), "lr": lr, "grad_norm": grad_norm.item()}
+                "fmd": terms.fmd.item(), "ce": terms.ce.item(), "lr": lr, "grad_norm": grad_norm.item()}
 
     def rebuild_optimizer(self) -> None:
         """A fresh optimiser and schedule over the predictor's parameters as they are now (e.g. with the learnt

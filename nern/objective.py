@@ -1,6 +1,7 @@
 """NeRN's objective as the paper states it (METHOD.md 4):
 
     L = l_rec * L_rec + l_kd * L_KD + l_fmd * L_FMD        (no task loss, no labels)
+      [+ l_ce * L_CE: cross-entropy on the task's labels, our departure `loss.ce`, 0 unless asked for]
 
 L_rec compares the predicted weights with the original ones; L_KD and L_FMD compare the reconstructed network
 (the student) with the original (the teacher) on one batch of images or noise: their logits and their
@@ -25,11 +26,12 @@ class LossWeights:
     rec: float
     kd: float
     fmd: float
+    ce: float = 0.0  # loss.ce: not the paper's (NeRN is label-free); 0 keeps it so
 
     @property
     def distils(self) -> bool:
         """Whether this iteration runs the two networks at all."""
-        return self.kd > 0 or self.fmd > 0
+        return self.kd > 0 or self.fmd > 0 or self.ce > 0
 
 
 def reconstruction_term(predicted: list[torch.Tensor], targets: list[torch.Tensor],
@@ -58,9 +60,19 @@ def distillation_terms(student_logits: torch.Tensor, student_maps: list[torch.Te
     return kd, fmd
 
 
-def nern_objective(weights: LossWeights, rec: torch.Tensor, kd: torch.Tensor, fmd: torch.Tensor) -> torch.Tensor:
-    """L = l_rec * L_rec + l_kd * L_KD + l_fmd * L_FMD; only L_rec while the fit does not distil."""
+def label_term(student_logits: torch.Tensor, labels: torch.Tensor, use_ce: bool) -> torch.Tensor:
+    """L_CE: the student's cross-entropy on the batch's task labels, in float32 (0 when its weight is zero)."""
+    if not use_ce:
+        return student_logits.new_zeros((), dtype=torch.float32)
+    return torch.nn.functional.cross_entropy(student_logits.float(), labels)
+
+
+def nern_objective(weights: LossWeights, rec: torch.Tensor, kd: torch.Tensor, fmd: torch.Tensor,
+                   ce: torch.Tensor | None = None) -> torch.Tensor:
+    """L = l_rec * L_rec + l_kd * L_KD + l_fmd * L_FMD (+ l_ce * L_CE); only L_rec while the fit does not distil."""
     loss = weights.rec * rec
     if weights.distils:
         loss = loss + weights.kd * kd + weights.fmd * fmd
+        if weights.ce > 0 and ce is not None:
+            loss = loss + weights.ce * ce
     return loss

@@ -28,6 +28,8 @@ def test_yaml_and_overrides(tmp_path):
     (["sampling.uniform_prob=1.5"], "sampling.uniform_prob"),
     (["nonsense=1"], "nonsense"),
     (["device=gpu"], "not a torch device"),
+    (["loss.ce=-1"], "loss.ce"),
+    (["loss.ce=0.5", "data_free=true"], "loss.ce"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(NernError, match=needle.replace(".", r"\.")):

@@ -234,9 +234,9 @@ def test_data_free_fit_runs_on_noise_and_evaluates_on_real_test_set(fashion_mnis
 
 def test_warmup_and_rec_only_phase_zero_the_distillation():
     cfg = load_config(FitConfig, base={"loss": {"warmup": 10}, "rec_only_iterations": 20})
-    assert distillation_weights(cfg, 5) == (0.0, 0.0)
-    assert distillation_weights(cfg, 29) == (0.0, 0.0)  # the warm-up counts from the end of the rec-only phase
-    assert distillation_weights(cfg, 30) == (cfg.loss.kd, cfg.loss.fmd)
+    assert distillation_weights(cfg, 5) == (0.0, 0.0, 0.0)
+    assert distillation_weights(cfg, 29) == (0.0, 0.0, 0.0)  # the warm-up counts from the end of the rec-only phase
+    assert distillation_weights(cfg, 30) == (cfg.loss.kd, cfg.loss.fmd, cfg.loss.ce)
 
 
 def test_rec_only_phase_has_its_own_schedule_and_restarts_the_optimiser(fashion_mnist_root, tmp_path):
@@ -299,6 +299,22 @@ def test_gradient_clipping_caps_the_update_and_reports_the_raw_norm(fashion_mnis
     assert clipped_applied == pytest.approx(1e-3, rel=1e-3)
     with pytest.raises(NernError, match="optim.clip_grad_norm"):
         tiny_fit(fashion_mnist_root, optim={"clip_grad_norm": 0})
+
+
+def test_label_term_reaches_the_predictor_only_when_weighted(fashion_mnist_root, tmp_path):
+    """loss.ce alone (no rec, kd or fmd) still trains the predictor through the student; at 0 nothing does."""
+    grads = {}
+    for ce in (0.0, 1.0):
+        cfg = tiny_fit(fashion_mnist_root, iterations=2, loss={"rec": 0.0, "kd": 0.0, "fmd": 0.0, "ce": ce})
+        fitter = Fitter(cfg, prepare(cfg), tmp_path / str(ce))
+        norms = []
+        fitter.optimizer.register_step_pre_hook(lambda opt, *_: norms.append(sum(
+            float(p.grad.norm()) for g in opt.param_groups for p in g["params"] if p.grad is not None)))
+        logged = fitter.step()
+        grads[ce] = (logged["ce"], norms[0])
+    assert grads[0.0] == (0.0, 0.0)
+    ce_value, grad_norm = grads[1.0]
+    assert ce_value > 0 and math.isfinite(ce_value) and grad_norm > 0  # an untrained student: a large CE
 
 
 def test_nan_loss_is_a_user_error_and_writes_no_output(fashion_mnist_root, tmp_path):

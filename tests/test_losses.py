@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -120,3 +121,18 @@ def test_objective_weighs_the_three_terms_and_skips_distillation_when_its_weight
     assert float(kd) == float(kd_loss(s_logits, t_logits)) and float(fmd) == float(fmd_loss(s_maps, t_maps))
     kd, fmd = distillation_terms(s_logits, s_maps, t_logits, t_maps, 1.0, False, True)
     assert float(kd) == 0.0 and float(fmd) > 0
+
+
+def test_label_term_is_the_cross_entropy_and_counts_only_when_weighted():
+    from nern.objective import LossWeights, label_term, nern_objective
+
+    g = torch.Generator().manual_seed(1)
+    logits, labels = torch.randn(6, 10, generator=g), torch.randint(0, 10, (6,), generator=g)
+    ce = label_term(logits, labels, True)
+    assert torch.allclose(ce, torch.nn.functional.cross_entropy(logits, labels))
+    assert float(label_term(logits, labels, False)) == 0.0
+    rec, kd, fmd = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(5.0)
+    assert float(nern_objective(LossWeights(1.0, 0.5, 0.25, 2.0), rec, kd, fmd, ce)) == pytest.approx(
+        2.0 + 1.5 + 1.25 + 2.0 * float(ce))
+    assert float(nern_objective(LossWeights(1.0, 0.5, 0.25), rec, kd, fmd, ce)) == 2.0 + 1.5 + 1.25
+    assert LossWeights(1.0, 0.0, 0.0, 0.1).distils  # a label-only fit still runs the student
