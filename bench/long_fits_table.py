@@ -32,7 +32,8 @@ def row(label: str, fit_dir: Path, precision: str | None) -> dict:
     nern = files[(files.representation == "nern") & (files.precision == (precision or f"int{bits}"))].iloc[0]
     return {"fit": label, "bits": bits, "h": cfg["predictor"]["hidden"], "depth": cfg["predictor"]["depth"],
             "levels L": cfg["embedding"]["levels"], "fmd weight": cfg["loss"]["fmd"], "kd weight": cfg["loss"]["kd"],
-            "KD T": cfg["loss"]["temperature"], "weight decay": cfg["optim"]["weight_decay"],
+            "KD T": cfg["loss"]["temperature"], "ce weight": cfg["loss"].get("ce", 0.0),  # older fits: no label term
+            "weight decay": cfg["optim"]["weight_decay"],
             "lr": cfg["optim"]["lr"], "reconstruction lr": cfg["optim"]["rec_only_lr"],
             "seed": cfg["seed"],
             "reconstruction steps": cfg["rec_only_iterations"], "distillation iterations": cfg["iterations"],
