@@ -122,7 +122,8 @@ def check_outputs(workdir: Path, preset: str, counts: dict[str, int]) -> None:
                                     "config/cifar10-public.yaml", "config/cifar10-cpu.yaml",
                                     "config/cifar10-codec.yaml", "config/cifar10-codec-long.yaml",
                                     "config/cifar10-codec-targets.yaml", "config/cifar10-codec-50k.yaml",
-                                    "config/cifar10-codec-lowbit.yaml", "config/cifar10-codec-fmd.yaml"])
+                                    "config/cifar10-codec-lowbit.yaml", "config/cifar10-codec-fmd.yaml",
+                                    "config/cifar10-codec-ce.yaml", "config/cifar10-codec-50k-ce.yaml"])
 @pytest.mark.slow
 def test_every_preset_builds_its_whole_dag_offline(preset: str) -> None:
     config = yaml.safe_load((REPO / preset).read_text())
