@@ -52,7 +52,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    """Published weights (a checkpoint file or torchvision:<WEIGHTS>) -> our safetensors plus their accuracy."""
+    """Published weights (a checkpoint file or torchvision:<WEIGHTS>), or a file `nern compress` wrote (.nernz /
+    .nnc, decoded) -> our safetensors plus their accuracy."""
     from nern import models
     from nern.artifacts import write_json
     from nern.pretrain import NON_RESULT_KEYS
@@ -62,7 +63,7 @@ def cmd_import(args: argparse.Namespace) -> None:
         raise NernError("nern import needs model.checkpoint (a file or torchvision:<WEIGHTS>); pass --set model.checkpoint=...")
     out = Path(args.out)
     with stage_run(args, "import", flatten(to_dict(cfg)), NON_RESULT_KEYS, data=cfg.data) as tracker:
-        model = models.load_model(cfg.model)
+        model = _imported_network(cfg)
         metrics = _imported_accuracy(model, cfg)
         model_cfg = {**to_dict(cfg.model), "checkpoint": None}
         models.save_model(model, out / "model.safetensors", {"model": model_cfg, "test_top1": metrics["test_top1"],
@@ -70,6 +71,17 @@ def cmd_import(args: argparse.Namespace) -> None:
         write_json(out / "metrics.json", metrics)
         log_outputs(tracker, out, metrics, ["metrics.json"])
     print(f"[import] {cfg.model.checkpoint}: test top-1 {metrics['test_top1']:.2f}% -> {out}")
+
+
+def _imported_network(cfg: PretrainConfig) -> Any:
+    """Published weights, or the network a `nern compress` file holds (decoded from that file alone)."""
+    from nern import models
+    from nern.network_files import read_codec_file
+
+    source = cfg.model.checkpoint or ""
+    if Path(source).suffix in models.CODEC_SUFFIXES:
+        return read_codec_file(source, cfg.model)
+    return models.load_model(cfg.model)
 
 
 def _imported_accuracy(model: Any, cfg: PretrainConfig) -> dict[str, Any]:
@@ -200,7 +212,8 @@ def _add_pretrain(sub: Any) -> None:
 
 
 def _add_import(sub: Any) -> None:
-    p = sub.add_parser("import", help="import published weights (file or torchvision:<WEIGHTS>) and measure them")
+    p = sub.add_parser("import", help="import published weights (file or torchvision:<WEIGHTS>) or decode a "
+                                           "`nern compress` file (.nernz/.nnc), and measure them")
     add_stage_arguments(p, "output directory (model.safetensors, metrics.json)")
     p.set_defaults(func=cmd_import)
 

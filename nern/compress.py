@@ -57,7 +57,7 @@ from nern.network_files import (
     verbatim_state,
 )
 from nern.nnc import available as nnc_available
-from nern.nnc import float_tensors, write_nnc
+from nern.nnc import NNC_SUFFIX, float_tensors, write_nnc
 from nern.plots import pyplot, save_figure
 from nern.predictor import Predictor
 from nern.qat import MAX_BITS, MIN_BITS, attach_quantisers, detach_quantisers, learnt_steps
@@ -222,7 +222,7 @@ class Bench:
                     skeleton: nn.Module | None = None) -> dict[str, Any]:
         """`tensors` through NNCodec at the row's qp; a NeRN's other parts (`enc`) in a container beside it. The
         bytes are both files'; the network is rebuilt from both read back."""
-        nnc_path = self.files / f"{_label(row)}.nnc"
+        nnc_path = self.files / f"{_label(row)}{NNC_SUFFIX}"
         nnc_bytes = write_nnc(nnc_path, float_tensors(tensors), row["qp"])
         if enc is None:
             sizes = {"file": nnc_path.name, "bytes": nnc_bytes, "nnc_bytes": nnc_bytes}

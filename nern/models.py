@@ -35,8 +35,10 @@ import torchvision
 from torch import nn
 
 from nern.artifacts import load_tensors, read_metadata, save_tensors
+from nern.codec import FILE_SUFFIX
 from nern.config import ModelConfig
 from nern.errors import NernError
+from nern.nnc import NNC_SUFFIX
 
 # blocks per stage: depth = 6n + 2
 CIFAR_RESNETS = {"resnet8": 1, "resnet14": 2, "resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
@@ -44,6 +46,7 @@ TORCHVISION_RESNETS = ("resnet18",)
 ARCHS = (*CIFAR_RESNETS, *TORCHVISION_RESNETS)
 CIFAR_WIDTHS = (16, 32, 64)
 TORCH_SUFFIXES = (".th", ".pt", ".pth", ".tar", ".ckpt")
+CODEC_SUFFIXES = (FILE_SUFFIX, NNC_SUFFIX)  # `nern compress` files: `nern import` rebuilds the network they hold
 TORCHVISION_PREFIX = "torchvision:"
 # prefixes added by nn.DataParallel / DistributedDataParallel and torch.compile
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -376,6 +379,9 @@ def read_state_dict(source: str, arch: str = "resnet18") -> tuple[dict[str, torc
         state, metadata = load_tensors(path)
     elif path.suffix in TORCH_SUFFIXES:
         state, metadata = _read_torch_file(path), {}
+    elif path.suffix in CODEC_SUFFIXES:
+        raise NernError(f"checkpoint {path} is a file `nern compress` wrote; rebuild the network from it first: "
+                        f"nern import --set model.checkpoint={path} --out DIR (then use DIR/model.safetensors)")
     else:
         raise NernError(f"checkpoint {path} has an unknown extension; use .safetensors or one of "
                         f"{', '.join(TORCH_SUFFIXES)} (or torchvision:<WEIGHTS>)")
@@ -425,8 +431,8 @@ def load_weights(model: nn.Module, source: str) -> dict[str, Any]:
     return metadata
 
 
-def _check_stored_config(cfg: ModelConfig, stored: dict[str, Any]) -> None:
-    """A safetensors checkpoint records what it was built as; disagreeing with the run config is a user error."""
+def check_stored_config(cfg: ModelConfig, stored: dict[str, Any]) -> None:
+    """A safetensors checkpoint (or a `nern compress` file) records what it was built as; disagreeing with the run config is a user error."""
     if cfg.factory:
         fields = ["factory", "kwargs", "num_classes", "in_channels"]
     else:
@@ -444,7 +450,7 @@ def load_model(cfg: ModelConfig) -> nn.Module:
     if cfg.checkpoint:
         state, metadata = read_state_dict(cfg.checkpoint, cfg.arch)
         if isinstance(metadata.get("model"), dict):
-            _check_stored_config(cfg, metadata["model"])
+            check_stored_config(cfg, metadata["model"])
         check_state_dict_fits(model, state, cfg.checkpoint)
         model.load_state_dict(state, strict=True)
     return model.eval()

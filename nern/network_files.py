@@ -23,8 +23,8 @@ from nern.config import EmbeddingConfig, FitConfig, ModelConfig
 from nern.errors import NernError
 from nern.fit import decode_weights
 from nern.layers import ConvLayer
-from nern.models import build_model
-from nern.nnc import read_nnc
+from nern.models import build_model, check_stored_config
+from nern.nnc import NNC_SUFFIX, read_nnc
 from nern.predictor import Predictor
 from nern.reconstruct import Representation
 
@@ -191,6 +191,9 @@ def read_network(path: str | Path, skeleton: nn.Module | None = None, nnc_path: 
     if meta["kind"] == "network":
         state = {k.removeprefix("state."): v for k, v in tensors.items()}
         return _load_strict(network, {**state, **folded}, path)
+    if not any(name.startswith("predictor.") for name in tensors):
+        raise NernError(f"{path} holds no predictor: it went through NNCodec, whose bitstream (the {NNC_SUFFIX} file of "
+                        "the same name that `nern compress` wrote) must lie beside it")
     predictor = decode_predictor(tensors, meta)
     rep = decode_representation(tensors, meta)
     state = {**{k.removeprefix("verbatim."): v for k, v in tensors.items() if k.startswith("verbatim.")}, **folded}
@@ -200,6 +203,21 @@ def read_network(path: str | Path, skeleton: nn.Module | None = None, nnc_path: 
     for layer, w in zip(rep.layers, weights):
         state[layer.param] = w
     return _load_strict(network, _with_integer_buffers(network, state), path)
+
+
+def read_codec_file(path: str | Path, model_cfg: ModelConfig) -> nn.Module:
+    """The network a file of `nern compress` holds, for a user to take away: a `.nernz` (a NeRN or an original
+    network; a NeRN whose predictor went through NNCodec reads the `.nnc` of the same stem beside it, as the stage
+    wrote them) or an original's `.nnc`, which records no architecture, so `model_cfg` builds every skeleton."""
+    path = Path(path)
+    skeleton = build_model(model_cfg)
+    if path.suffix == NNC_SUFFIX:
+        return read_nnc_network(path, skeleton)
+    stored = read_container(path)[1].get("model")
+    if isinstance(stored, dict):
+        check_stored_config(dataclasses.replace(model_cfg, checkpoint=str(path)), stored)
+    companion = path.with_suffix(NNC_SUFFIX)
+    return read_network(path, skeleton, companion if companion.is_file() else None)
 
 
 def read_nnc_network(path: str | Path, skeleton: nn.Module) -> nn.Module:

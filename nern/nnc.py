@@ -23,6 +23,7 @@ import torch
 from nern.artifacts import atomic_path
 from nern.errors import NernError
 
+NNC_SUFFIX = ".nnc"  # a bitstream `write_nnc` wrote
 QPS = (-38, -32, -26, -20, -16, -12)  # the grid of ../shared/docs/INFRA.md: lossless-looking to -23 pt
 
 

@@ -345,3 +345,58 @@ def test_compress_refuses_a_predictor_of_another_model(fitted_resnet8, tmp_path)
     code = main(["compress", "--model", str(other), "--predictor", str(fitted_resnet8["predictor"]),
                  "--out", str(tmp_path / "x"), "--mlflow-uri", "none"])
     assert code == 2
+
+
+def _decode(path, out, data, *extra):
+    """`nern import` of a file `nern compress` wrote: the network rebuilt from that file alone, measured."""
+    args = ["import", "--set", f"model.checkpoint={path}", "--set", "model.arch=resnet8", "--set", "model.in_channels=1",
+            "--out", str(out), "--mlflow-uri", "none", *extra]
+    for key, value in data.items():
+        args += ["--set", f"data.{key}={value}"]
+    return main(args)
+
+
+def test_import_decodes_every_file_the_compress_stage_wrote(fitted_resnet8, tmp_path):
+    from nern import nnc
+
+    out = tmp_path / "compress"
+    qps = ["--nncodec-qps", "-38"] if nnc.available() else ["--nncodec-qps="]
+    assert main(["compress", "--model", str(fitted_resnet8["model"]), "--predictor", str(fitted_resnet8["predictor"]),
+                 "--out", str(out), "--mlflow-uri", "none", "--sparsities", "0", "--finetune", "none",
+                 "--precisions", "int4", *qps, "--set", "progress=false"]) == 0
+    rows = _rows(out / "compression.csv")
+    assert {r["representation"] for r in rows} >= {"nern", "original"}
+    x = torch.randn(4, 1, 28, 28)
+    for i, row in enumerate(rows):
+        head, pair, _ = row["file"].partition(".nernz+")  # a NeRN through NNCodec: its container, then bitstream
+        first = out / "files" / (head + ".nernz" if pair else row["file"])
+        assert _decode(first, tmp_path / f"d{i}", fitted_resnet8["data"]) == 0, row["label"]
+        metrics = json.loads((tmp_path / f"d{i}" / "metrics.json").read_text())
+        assert metrics["test_top1"] == pytest.approx(float(row["top1"]), abs=1e-9), row["label"]
+        decoded = load_model(ModelConfig(arch="resnet8", in_channels=1,
+                                         checkpoint=str(tmp_path / f"d{i}" / "model.safetensors")))
+        if first.suffix == ".nernz":
+            companion = first.with_suffix(".nnc")
+            direct = NF.read_network(first, nnc_path=companion if companion.is_file() else None)
+            with torch.no_grad():
+                torch.testing.assert_close(decoded(x), direct(x))
+
+
+def test_decoding_a_file_names_what_is_missing_or_wrong(fitted_resnet8, tmp_path):
+    from nern import nnc
+
+    model, rep, predictor = tiny_setup()
+    path, _ = write_nern(tmp_path, predictor, {}, "int8", rep, model)
+    assert main(["fit", "--model", str(path), "--out", str(tmp_path / "f"), "--mlflow-uri", "none"]) == 2
+    with pytest.raises(NernError, match="nern import --set model.checkpoint="):
+        load_model(ModelConfig(arch="resnet8", in_channels=1, checkpoint=str(path)))
+    with pytest.raises(NernError, match="model.arch='resnet8' but the config says 'resnet14'"):
+        NF.read_codec_file(path, ModelConfig(arch="resnet14", in_channels=1))
+    torch.testing.assert_close(NF.read_codec_file(path, ModelConfig(arch="resnet8", in_channels=1)).state_dict(),
+                               NF.read_network(path).state_dict())
+    if not nnc.available():
+        return
+    lonely = tmp_path / "lonely.nernz"
+    codec.write_container(lonely, NF.encode_nern(predictor, {}, "fp32", rep, EMBEDDING, model, parts=()))
+    with pytest.raises(NernError, match="holds no predictor: it went through NNCodec"):
+        NF.read_codec_file(lonely, ModelConfig(arch="resnet8", in_channels=1))
