@@ -432,7 +432,8 @@ def load_weights(model: nn.Module, source: str) -> dict[str, Any]:
 
 
 def check_stored_config(cfg: ModelConfig, stored: dict[str, Any]) -> None:
-    """A safetensors checkpoint (or a `nern compress` file) records what it was built as; disagreeing with the run config is a user error."""
+    """A safetensors checkpoint (or a `nern compress` file) records what it was built as; disagreeing with the run
+    config is a user error."""
     if cfg.factory:
         fields = ["factory", "kwargs", "num_classes", "in_channels"]
     else:

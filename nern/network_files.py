@@ -184,6 +184,12 @@ def read_network(path: str | Path, skeleton: nn.Module | None = None, nnc_path: 
     tensors went through NNCodec, that bitstream); uses nothing but the files (and the architecture)."""
     path = Path(path)
     tensors, meta = read_container(path)
+    return _network_from(tensors, meta, path, skeleton, nnc_path)
+
+
+def _network_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path, skeleton: nn.Module | None,
+                  nnc_path: str | Path | None) -> nn.Module:
+    """`read_network` on a container already read (a caller that checked its metadata first reads it once)."""
     if nnc_path is not None:
         tensors.update(read_nnc(nnc_path))
     network = _skeleton(meta, skeleton, path)
@@ -192,8 +198,8 @@ def read_network(path: str | Path, skeleton: nn.Module | None = None, nnc_path: 
         state = {k.removeprefix("state."): v for k, v in tensors.items()}
         return _load_strict(network, {**state, **folded}, path)
     if not any(name.startswith("predictor.") for name in tensors):
-        raise NernError(f"{path} holds no predictor: it went through NNCodec, whose bitstream (the {NNC_SUFFIX} file of "
-                        "the same name that `nern compress` wrote) must lie beside it")
+        raise NernError(f"{path} holds no predictor: it went through NNCodec, whose bitstream (the {NNC_SUFFIX} "
+                        "file of the same name that `nern compress` wrote) must lie beside it")
     predictor = decode_predictor(tensors, meta)
     rep = decode_representation(tensors, meta)
     state = {**{k.removeprefix("verbatim."): v for k, v in tensors.items() if k.startswith("verbatim.")}, **folded}
@@ -213,11 +219,11 @@ def read_codec_file(path: str | Path, model_cfg: ModelConfig) -> nn.Module:
     skeleton = build_model(model_cfg)
     if path.suffix == NNC_SUFFIX:
         return read_nnc_network(path, skeleton)
-    stored = read_container(path)[1].get("model")
-    if isinstance(stored, dict):
-        check_stored_config(dataclasses.replace(model_cfg, checkpoint=str(path)), stored)
+    tensors, meta = read_container(path)
+    if isinstance(meta.get("model"), dict):
+        check_stored_config(dataclasses.replace(model_cfg, checkpoint=str(path)), meta["model"])
     companion = path.with_suffix(NNC_SUFFIX)
-    return read_network(path, skeleton, companion if companion.is_file() else None)
+    return _network_from(tensors, meta, path, skeleton, companion if companion.is_file() else None)
 
 
 def read_nnc_network(path: str | Path, skeleton: nn.Module) -> nn.Module:

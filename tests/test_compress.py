@@ -347,10 +347,10 @@ def test_compress_refuses_a_predictor_of_another_model(fitted_resnet8, tmp_path)
     assert code == 2
 
 
-def _decode(path, out, data, *extra):
+def _decode(path, out, data):
     """`nern import` of a file `nern compress` wrote: the network rebuilt from that file alone, measured."""
-    args = ["import", "--set", f"model.checkpoint={path}", "--set", "model.arch=resnet8", "--set", "model.in_channels=1",
-            "--out", str(out), "--mlflow-uri", "none", *extra]
+    args = ["import", "--set", f"model.checkpoint={path}", "--set", "model.arch=resnet8",
+            "--set", "model.in_channels=1", "--out", str(out), "--mlflow-uri", "none"]
     for key, value in data.items():
         args += ["--set", f"data.{key}={value}"]
     return main(args)
