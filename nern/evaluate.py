@@ -7,6 +7,7 @@ bytes) and shows what the paper leaves out separately: the stored permutations a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +34,43 @@ def top_k_accuracy(forward: Callable[[torch.Tensor], torch.Tensor],
     if total == 0:
         raise ValueError("no evaluation data")
     return {f"top{k}": 100.0 * correct[k] / total for k in ks}
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One network's logits on one split, in the split's fixed order, with its labels: what agreement with another
+    network on the same images is computed from, without running either network again."""
+
+    logits: torch.Tensor  # [N, classes], float32 on the CPU
+    labels: torch.Tensor  # [N]
+
+    def top1(self) -> float:
+        return 100.0 * float((self.logits.argmax(dim=1) == self.labels).float().mean())
+
+
+@torch.no_grad()
+def predictions(forward: Callable[[torch.Tensor], torch.Tensor],
+                batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: str | torch.device = "cpu") -> Predictions:
+    logits, labels = [], []
+    for x, y in batches:
+        logits.append(forward(x.to(device)).float().cpu())
+        labels.append(y.cpu())
+    if not logits:
+        raise ValueError("no evaluation data")
+    return Predictions(torch.cat(logits), torch.cat(labels))
+
+
+def agreement(original: Predictions, other: Predictions) -> dict[str, float]:
+    """How faithfully `other` reproduces `original` on the same images: `agreement`, the percentage of images on
+    which both predict the same class, and `kl_to_original`, the mean KL(p_original || p_other) in nats. Delta
+    top-1 alone cannot tell a reconstruction from a fine-tuned network; these can."""
+    if original.logits.shape != other.logits.shape or not torch.equal(original.labels, other.labels):
+        raise ValueError("agreement needs both networks' predictions on the same images, in the same order")
+    same = original.logits.argmax(dim=1) == other.logits.argmax(dim=1)
+    log_p = torch.log_softmax(original.logits.double(), dim=1)
+    log_q = torch.log_softmax(other.logits.double(), dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1).clamp_min(0.0)
+    return {"agreement": 100.0 * float(same.double().mean()), "kl_to_original": float(kl.mean())}
 
 
 @torch.no_grad()
