@@ -165,7 +165,20 @@ def original_id(net: Tree, smoothness: float | None = None) -> str:
 
 def grid_smoothness(net: Tree, product: Tree | None = None) -> list[float | None]:
     product = net["grid"] if product is None else product
-    return product.get("smoothness", [0]) if net["original"]["source"] == "pretrain" else [None]
+    return product.get("smoothness", [0]) if trains_original(net) else [None]
+
+
+def trains_original(net: Tree) -> bool:
+    """Whether the pipeline trains this network's originals (one per smoothness factor): `pretrain` from its init,
+    `finetune` from its imported weights on the task's own training split (an in-domain original)."""
+    return net["original"]["source"] in ("pretrain", "finetune")
+
+
+def finetune_start(preset: str, net: Tree) -> str | None:
+    """The imported model a `finetune` original starts from (the import job's output), else None."""
+    if net["original"]["source"] != "finetune":
+        return None
+    return f"{original_dir(preset, net['name'], 'imported')}/model.safetensors"
 
 
 def grid_products(net: Tree) -> list[Tree]:
@@ -449,16 +462,25 @@ def represent_trees(net: Tree) -> list[NamedTree]:
     return [(f"networks[{net['name']}].fit", {k: v for k, v in fit.items() if k.startswith("represent.")})]
 
 
-def original_trees(net: Tree, smoothness: str | None = None) -> list[NamedTree]:
-    """An original network's pretrain (with `smoothness`, the factor id) or import overrides."""
+def original_trees(net: Tree, smoothness: str | None = None, start: str | None = None) -> list[NamedTree]:
+    """An original network's pretrain (with `smoothness`, the factor id) or import overrides; a `finetune`
+    original's training starts from `start`, its imported model (`finetune_start`)."""
     name, original = f"networks[{net['name']}]", net["original"]
     if original["source"] == "pretrain" and smoothness is None:
         raise NernError(f"{name} is pretrained; its originals are reg<factor>, not imported")
     if original["source"] == "import" and smoothness is not None:
         raise NernError(f"{name} imports its weights; it has no reg{smoothness} original")
-    last = {"model.checkpoint": original["checkpoint"]} if smoothness is None else {"smoothness": float(smoothness)}
-    return [(f"{name}.model", {"model": net["model"]}), (f"{name}.data", {"data": net["data"]}),
-            (f"{name}.original.set", original.get("set") or {}), (f"{name}.original", last)]
+    shared = [(f"{name}.model", {"model": net["model"]}), (f"{name}.data", {"data": net["data"]})]
+    if smoothness is None:  # the import (of an imported or a fine-tuned network); `set` is the training's
+        settings = (original.get("set") or {}) if original["source"] == "import" else {}
+        start = {"model.checkpoint": original["checkpoint"]}
+        return [*shared, (f"{name}.original.set", settings), (f"{name}.original", start)]
+    last: Tree = {"smoothness": float(smoothness)}
+    if original["source"] == "finetune":
+        if start is None:
+            raise NernError(f"{name} is fine-tuned from its imported weights; pass the imported model to start from")
+        last["model.checkpoint"] = start
+    return [*shared, (f"{name}.original.set", original.get("set") or {}), (f"{name}.original", last)]
 
 
 def fit_tags(fit: Fit, task: str, rule: str, variant: str = "default") -> str:
@@ -530,4 +552,5 @@ def validate_jobs(config: Tree, repo: str | Path, rows: list[Row]) -> None:
     for net_name, orig in sorted({(row.network, row.original) for row in rows}):
         net = network(config, net_name)
         smoothness = None if orig == "imported" else orig.removeprefix("reg")
-        check_job(PretrainConfig, {}, original_trees(net, smoothness), f"the original {net_name}/{orig}", checked)
+        trees = original_trees(net, smoothness, finetune_start(config["name"], net))
+        check_job(PretrainConfig, {}, trees, f"the original {net_name}/{orig}", checked)

@@ -1,7 +1,9 @@
 """Training the ORIGINAL network: the standard CIFAR recipe plus the smoothness regulariser (METHOD.md 6).
 
 SGD (momentum 0.9, lr 0.1, wd 1e-4), batch 128, step decay at epochs 100/150, crop + flip: every number
-is a config key. `smoothness > 0` adds the regulariser on the layers NeRN will represent. The iterations run
+is a config key. `smoothness > 0` adds the regulariser on the layers NeRN will represent. With
+`model.checkpoint` set, training starts from those weights instead of the architecture's init: fine-tuning
+published weights on the task's own training split (validation held out) gives an in-domain original. The iterations run
 through nern/loop.py like a fit's: checkpoint every N iterations, exact resumption, SIGTERM saves and stops.
 """
 
@@ -99,6 +101,13 @@ class Pretraining:
         return TrainingLoop(self, plan, out / CHECKPOINT_FILE, fp, tracker)
 
 
+def starting_model(cfg: PretrainConfig) -> nn.Module:
+    """The architecture's init, or the weights of `model.checkpoint` (checked against the architecture)."""
+    from nern import models
+
+    return models.load_model(cfg.model) if cfg.model.checkpoint else models.build_model(cfg.model)
+
+
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, model: nn.Module | None = None, splits: Any = None,
              tracker: Any = None, cleanup: bool = True) -> dict[str, Any]:
     """Train (or resume) the original network into `out_dir`; returns the metrics written to metrics.json."""
@@ -108,7 +117,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, model: nn.Module | Non
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = (model if model is not None else models.build_model(cfg.model)).to(cfg.device)
+    model = (model if model is not None else starting_model(cfg)).to(cfg.device)
     splits = splits or data_mod.build_splits(cfg.data, seed=cfg.seed)
     data_mod.check_compatible(splits.train.info, cfg.model.in_channels)
     task = Pretraining(cfg, model, splits)
@@ -123,6 +132,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, model: nn.Module | Non
         "epochs": cfg.epochs,
         "iterations": task.iteration,
         "smoothness": cfg.smoothness,
+        "start_checkpoint": cfg.model.checkpoint,
         "wall_seconds": history.train_seconds,
         "seconds_per_iteration": history.train_seconds / max(1, task.iteration),
     }

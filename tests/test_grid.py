@@ -303,3 +303,22 @@ def test_the_users_example_pipeline_config_validates() -> None:
     schema_check(config)
     validate(config)
     assert {row.arch for row in grid.table_rows(config)} == {"my_cnn.py:make_cnn"}
+
+
+def test_a_finetuned_network_trains_one_original_per_factor_from_its_imported_weights() -> None:
+    """original.source finetune: imported weights trained further on the task (an in-domain original), with the
+    regularisation table available as for a pretrained network."""
+    config = preset(original={"source": "finetune", "checkpoint": "w.th", "set": {"epochs": 1, "lr": 0.01}})
+    network = config["networks"][0]
+    rows = grid.table_rows(config)
+    assert {row.original for row in rows} == {"reg0", "reg0.0001"}
+    start = grid.finetune_start("unit", network)
+    assert start == "results/unit/net/original/imported/model.safetensors"
+    trained = grid.set_items(grid.original_trees(network, "0.0001", start))
+    assert {"epochs=1", "lr=0.01", "smoothness=0.0001", f"model.checkpoint={start}"} <= set(trained)
+    imported = grid.set_items(grid.original_trees(network))
+    assert "model.checkpoint=w.th" in imported and "epochs=1" not in imported  # `set` is the training's
+    with pytest.raises(NernError, match="fine-tuned"):
+        grid.original_trees(network, "0")
+    assert grid.finetune_start("unit", preset()["networks"][0]) is None
+    validate(config)

@@ -10,6 +10,7 @@ import torch
 
 from nern.artifacts import load_tensors
 from nern.config import PretrainConfig, load_config
+from nern.errors import NernError
 from nern.pretrain import Pretraining, pretrain
 
 from helpers import Recorder, fashion_mnist_root  # noqa: F401 (fixture)
@@ -66,3 +67,62 @@ def test_pretrain_killed_between_checkpoints_resumes_exactly_and_logs_each_point
     assert {name for name, _, _ in logged} == {"epoch", "loss", "ce", "val_top1"}
     assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
     assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["iterations"] == 28
+
+
+def test_pretrain_from_a_checkpoint_starts_from_its_weights_not_the_init(fashion_mnist_root, tmp_path):
+    """Fine-tuning (model.checkpoint set): the first step starts from the given weights; without it, from the
+    architecture's seeded init."""
+    pretrain(tiny_pretrain(fashion_mnist_root), tmp_path / "base")
+    start = tmp_path / "base" / "model.safetensors"
+    cfg = tiny_pretrain(fashion_mnist_root)
+    cfg.model.checkpoint = str(start)
+    cfg.epochs = 0.001  # one step at most: the result stays close to the start
+    cfg.smoothness = 0.0
+    tuned = pretrain(cfg, tmp_path / "tuned")
+    assert tuned["start_checkpoint"] == str(start)
+    s, _ = load_tensors(start)
+    t, _ = load_tensors(tmp_path / "tuned" / "model.safetensors")
+    scratch = tiny_pretrain(fashion_mnist_root)
+    scratch.epochs, scratch.smoothness = 0.001, 0.0
+    pretrain(scratch, tmp_path / "scratch")
+    r, _ = load_tensors(tmp_path / "scratch" / "model.safetensors")
+    conv = next(k for k in s if k.endswith("conv1.weight"))
+    assert (t[conv] - s[conv]).norm() < 0.1 * (r[conv] - s[conv]).norm()
+
+
+@pytest.mark.slow
+def test_a_fine_tune_killed_midway_resumes_exactly(fashion_mnist_root, tmp_path, monkeypatch):
+    start_cfg = tiny_pretrain(fashion_mnist_root)
+    start_cfg.epochs = 0.01
+    pretrain(start_cfg, tmp_path / "start")
+    cfg = tiny_pretrain(fashion_mnist_root)
+    cfg.model.checkpoint = str(tmp_path / "start" / "model.safetensors")
+    expected = pretrain(cfg, tmp_path / "straight")
+    real_step = Pretraining.step
+
+    def dies_at_20(self):
+        if self.iteration == 20:
+            raise Killed
+        return real_step(self)
+
+    monkeypatch.setattr(Pretraining, "step", dies_at_20)
+    with pytest.raises(Killed):
+        pretrain(cfg, tmp_path / "resumed")
+    monkeypatch.undo()
+    got = pretrain(cfg, tmp_path / "resumed")
+    strip = lambda m: {k: v for k, v in m.items() if k not in TIMING}  # noqa: E731
+    assert strip(got) == strip(expected)
+    a, _ = load_tensors(tmp_path / "straight" / "model.safetensors")
+    b, _ = load_tensors(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_fine_tune_from_weights_of_another_architecture_is_refused(fashion_mnist_root, tmp_path):
+    start_cfg = tiny_pretrain(fashion_mnist_root)
+    start_cfg.epochs = 0.001
+    pretrain(start_cfg, tmp_path / "start")
+    cfg = tiny_pretrain(fashion_mnist_root)
+    cfg.model.checkpoint = str(tmp_path / "start" / "model.safetensors")
+    cfg.model.arch = "resnet20"
+    with pytest.raises(NernError, match="model.arch"):
+        pretrain(cfg, tmp_path / "bad")

@@ -86,14 +86,17 @@ def fitted_model(wildcards):
 
 
 def original_sources(wildcards):
-    """A user factory's .py file is an input of the original network (an edited network reruns everything)."""
-    return grid.model_sources(network_of(wildcards))
+    """A user factory's .py file is an input of the original network (an edited network reruns everything), and a
+    fine-tuned original's imported model is the input of its training."""
+    start = grid.finetune_start(PRESET, network_of(wildcards))
+    return grid.model_sources(network_of(wildcards)) + ([start] if start else [])
 
 
 def import_inputs(wildcards):
     """A checkpoint file is an input (a new file reruns the import); torchvision:<WEIGHTS> is downloaded by the job."""
     weights = network_of(wildcards)["original"]["checkpoint"]
-    return original_sources(wildcards) + ([] if weights.startswith("torchvision:") else [weights])
+    sources = grid.model_sources(network_of(wildcards))
+    return sources + ([] if weights.startswith("torchvision:") else [weights])
 
 
 def import_overrides(wildcards):
@@ -101,7 +104,8 @@ def import_overrides(wildcards):
 
 
 def pretrain_overrides(wildcards):
-    return grid.set_args(grid.original_trees(network_of(wildcards), wildcards.reg))
+    net = network_of(wildcards)
+    return grid.set_args(grid.original_trees(net, wildcards.reg, grid.finetune_start(PRESET, net)))
 
 
 def represent_overrides(wildcards):
