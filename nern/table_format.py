@@ -20,7 +20,7 @@ def is_missing(value: Any) -> bool:
 
 
 def format_cell(column: str, value: Any) -> str:
-    """Accuracies to 2 decimals, ratios to 3, RMSE to 4 significant digits, counts as integers."""
+    """Accuracies and agreements to 2 decimals, KL to 4, ratios to 3, RMSE to 4 significant digits, counts as integers."""
     if is_missing(value):
         return ""
     if isinstance(value, bool):
@@ -28,8 +28,10 @@ def format_cell(column: str, value: Any) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "Δ" in column:
             return f"{value:+.2f}"
-        if "top-1" in column:
+        if "top-1" in column or column.startswith("agreement"):
             return f"{value:.2f}"
+        if column.startswith("KL"):
+            return f"{value:.4f}"
         if re.search(r"\bratio\b", column):  # not "iterations", which holds the letters too
             return f"{value:.3f}"
         if "RMSE" in column:

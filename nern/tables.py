@@ -97,6 +97,8 @@ def load_rows(manifest: Manifest) -> pd.DataFrame:
             "predictor_params": metrics.get("predictor_params"),
             "size_ratio": metrics.get("size_ratio"),
             "rec_rmse": metrics.get("rec_rmse"),
+            "agreement": metrics.get("agreement"),
+            "kl_to_original": metrics.get("kl_to_original"),
             "iterations": metrics.get("distillation_iterations", metrics.get("iterations")),  # the data budget
         })
     if not records:
@@ -139,6 +141,7 @@ def main_table(rows: pd.DataFrame, published: dict[str, Any]) -> pd.DataFrame:
         "size ratio": main["size_ratio"],
         "top-1": main["reconstructed_top1"],
         "Δ top-1": main["reconstructed_top1"] - main["original_top1"],
+        **fidelity_columns(main),
     })
     if main["published"].notna().any():
         keys = main["published"].tolist()
@@ -154,6 +157,12 @@ def main_table(rows: pd.DataFrame, published: dict[str, Any]) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
+def fidelity_columns(rows: pd.DataFrame) -> dict[str, pd.Series]:
+    """Beside Δ top-1: how often the reconstruction predicts what its original predicts on the test set, and how far
+    its output distribution is from the original's (a reconstruction can match the accuracy while changing answers)."""
+    return {"agreement": rows["agreement"], "KL to original": rows["kl_to_original"]}
+
+
 def regularisation_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Originals pretrained with each smoothness factor, and NeRN fitted to them."""
     reg = _sorted(rows[rows["group"] == "regularisation"], ["_perm", "hidden"])
@@ -166,6 +175,7 @@ def regularisation_table(rows: pd.DataFrame) -> pd.DataFrame:
         "h": reg["hidden"],
         "top-1": reg["reconstructed_top1"],
         "Δ top-1": reg["reconstructed_top1"] - reg["original_top1"],
+        **fidelity_columns(reg),
         "rec RMSE": reg["rec_rmse"],
     }).reset_index(drop=True)
 
@@ -192,6 +202,8 @@ def ablation_table(rows: pd.DataFrame, group: str,
     table["original top-1"] = ab["original_top1"]
     table["top-1"] = ab["reconstructed_top1"]
     table["Δ top-1"] = ab["reconstructed_top1"] - ab["original_top1"]
+    for column, values in fidelity_columns(ab).items():
+        table[column] = values
     table["rec RMSE"] = ab["rec_rmse"]
     return table.reset_index(drop=True)
 
@@ -215,6 +227,8 @@ def data_free_table(rows: pd.DataFrame) -> pd.DataFrame:
             "original top-1": first["original_top1"],
             "top-1 (task data)": data["reconstructed_top1"] if data else None,
             "top-1 (data-free)": noise["reconstructed_top1"] if noise else None,
+            "agreement (task data)": data["agreement"] if data else None,
+            "agreement (data-free)": noise["agreement"] if noise else None,
         })
     table = pd.DataFrame(out)
     if not table.empty:

@@ -25,12 +25,13 @@ PUBLISHED = {
 
 
 def _run(root: Path, name: str, top1: float, *, original: float = 90.0, params: int = 1000,
-         ratio: float = 0.5, rmse: float = 0.01) -> str:
+         ratio: float = 0.5, rmse: float = 0.01, agreement: float = 95.0) -> str:
     """A finished fit's directory: metrics.json and curves.csv as `nern fit` writes them."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     metrics = {"original_top1": original, "reconstructed_top1": top1, "predictor_params": params,
-               "size_ratio": ratio, "rec_rmse": rmse, "iterations": 20}
+               "size_ratio": ratio, "rec_rmse": rmse, "iterations": 20, "agreement": agreement,
+               "kl_to_original": (100.0 - agreement) / 1000}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     (run_dir / "curves.csv").write_text(
         "iteration,eval_test_top1,loss\n1,,0.5\n10,50.0,0.2\n20,%s,0.1\n" % top1)
@@ -59,7 +60,7 @@ def manifest(tmp_path: Path) -> Path:
         _row("ablation_loss", "rec", _run(runs, "rec", 87.0), overrides={"loss.kd": 0, "loss.fmd": 0}),
         _row("ablation_loss", "rec+kd+fmd", str(runs / "c160")),
         _row("data_free", "task data", str(runs / "c160")),
-        _row("data_free", "data-free", _run(runs, "free", 60.0)),
+        _row("data_free", "data-free", _run(runs, "free", 60.0, agreement=70.0)),
     ]
     path = tmp_path / "manifest.yaml"
     path.write_text(yaml.safe_dump({"preset": "unit", "description": "", "rows": rows,
@@ -204,3 +205,15 @@ def test_counts_whose_name_holds_the_letters_ratio_stay_counts() -> None:
     assert tables.format_cell("size ratio", 0.4321) == "0.432"
     assert tables.format_cell("ratio vs original fp32", 12.0) == "12.000"
     assert tables.format_cell("distillation iterations", 1500) == "1500"
+
+
+def test_every_fit_table_shows_agreement_and_kl_beside_delta_top1(manifest: Path) -> None:
+    built = tables.build_tables(_rows(manifest), {})
+    for name in ("main", "regularisation", "ablation_loss"):
+        columns = list(built[name].columns)
+        assert columns.index("agreement") == columns.index("Δ top-1") + 1, name
+        assert columns.index("KL to original") == columns.index("agreement") + 1, name
+    assert built["main"]["agreement"].tolist() == [95.0] * 4
+    free = built["data_free"].iloc[0]
+    assert (free["agreement (task data)"], free["agreement (data-free)"]) == (95.0, 70.0)
+    assert tables.format_cell("agreement", 97.591) == "97.59" and tables.format_cell("KL to original", 0.00612) == "0.0061"
