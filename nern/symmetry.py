@@ -52,7 +52,8 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from nern.config import RepresentConfig
 from nern.errors import NernError
 from nern.layers import conv_weights, find_conv_layers
-from nern.permutation import chain_quality, chain_quality_of_positions, fast_chain, greedy_chain, identity_permutation
+from nern.chain import chain_quality, fast_chain, greedy_chain
+from nern.permutation import chain_quality_of_positions, identity_permutation
 
 Features = Literal["both", "input"]
 

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nern"
 
 LAYERS: dict[str, int] = {
     **dict.fromkeys(("__init__", "errors", "artifacts", "config"), 1),
-    **dict.fromkeys(("models", "data", "layers", "embedding", "predictor", "reconstruct", "sampling", "losses",
+    **dict.fromkeys(("models", "data", "layers", "embedding", "predictor", "reconstruct", "sampling", "losses", "chain",
                      "permutation", "feature_maps", "smoothness", "checkpoint", "evaluate", "tracking", "plots",
                      "codec", "nnc", "qat", "pruning", "table_format", "grid", "symmetry", "loop", "objective"), 2),
     **dict.fromkeys(("fit", "pretrain"), 3),

@@ -1,4 +1,5 @@
-"""Coordinate permutations: the paper's greedy chains, the fast chain, and the stored file format."""
+"""Coordinate permutations (nern/permutation.py) and the chains behind them (nern/chain.py): the paper's
+greedy chains, the fast chain, and the stored file format."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nern import chain as C
 from nern import permutation as P
 from nern.artifacts import load_tensors, save_tensors
 from nern.errors import NernError
@@ -62,26 +64,26 @@ def _random_weight(cout: int, cin: int, k: int = 3, seed: int = 0) -> torch.Tens
 def test_greedy_chain_on_hand_made_angles():
     # from 0 deg: 10 is closest, then 50, then 100, then 200
     vectors = _angles(0, 100, 10, 50, 200)
-    assert P.greedy_chain(vectors).tolist() == [0, 2, 3, 1, 4]
-    assert P.greedy_chain(vectors, start=4).tolist() == [4, 1, 3, 2, 0]
+    assert C.greedy_chain(vectors).tolist() == [0, 2, 3, 1, 4]
+    assert C.greedy_chain(vectors, start=4).tolist() == [4, 1, 3, 2, 0]
 
 
 def test_greedy_chain_breaks_ties_by_lowest_index_and_treats_zero_kernels_as_cosine_zero():
     vectors = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 2.0]])
     # from 0: 2, 3 (zero kernel) and 4 all have cosine 0 -> 2; from 2: 4 (cosine 1);
     # from 4: 1 and the zero kernel 3 both have cosine 0 -> 1; then 3
-    assert P.greedy_chain(vectors).tolist() == [0, 2, 4, 1, 3]
+    assert C.greedy_chain(vectors).tolist() == [0, 2, 4, 1, 3]
 
 
 def test_greedy_chain_matches_plain_reference():
     vectors = torch.randn(60, 9, generator=torch.Generator().manual_seed(3))
-    assert P.greedy_chain(vectors).tolist() == _reference_greedy(vectors)
-    assert P.greedy_chain(vectors, start=17).tolist() == _reference_greedy(vectors, start=17)
+    assert C.greedy_chain(vectors).tolist() == _reference_greedy(vectors)
+    assert C.greedy_chain(vectors, start=17).tolist() == _reference_greedy(vectors, start=17)
 
 
 def test_greedy_chain_rejects_a_start_outside_the_vectors():
     with pytest.raises(NernError, match="start"):
-        P.greedy_chain(torch.randn(4, 9), start=4)
+        C.greedy_chain(torch.randn(4, 9), start=4)
 
 
 def test_crossfilter_position_is_the_inverse_of_the_greedy_chain():
@@ -121,7 +123,7 @@ def test_fast_chain_is_a_bijection_with_zero_and_duplicate_kernels_and_ends_with
     vectors = torch.randn(300, 9, generator=torch.Generator().manual_seed(2))
     vectors[10:20] = 0
     vectors[50:60] = vectors[60:70]
-    chain = P.fast_chain(vectors)
+    chain = C.fast_chain(vectors)
     assert sorted(chain.tolist()) == list(range(300))
     assert sorted(chain[-10:].tolist()) == list(range(10, 20))
 
@@ -139,10 +141,10 @@ def test_routing_weights_through_a_permutation_and_back_is_bit_identical():
 
 
 def test_approximate_neighbours_are_true_similarities_without_self_and_find_most_true_neighbours():
-    unit = P._unit_rows(torch.randn(12000, 9, generator=torch.Generator().manual_seed(11)))
+    unit = C.unit_rows(torch.randn(12000, 9, generator=torch.Generator().manual_seed(11)))
     unit[100:110] = unit[110:120]  # duplicates: the twin, not the row itself, must come first
-    idx, sim = P._approximate_neighbours(unit, 8, seed=0)
-    exact_idx, _ = P._exact_neighbours(unit, 8)
+    idx, sim = C._approximate_neighbours(unit, 8, seed=0)
+    exact_idx, _ = C._exact_neighbours(unit, 8)
     rows = torch.arange(unit.shape[0]).unsqueeze(1)
     found = sim > -torch.inf
     assert not (idx[found] == rows.expand_as(idx)[found]).any()
@@ -155,26 +157,26 @@ def test_approximate_neighbours_are_true_similarities_without_self_and_find_most
 
 def test_lkh_chain_finds_the_best_chain_of_a_tiny_set():
     vectors = torch.randn(7, 9, generator=torch.Generator().manual_seed(12))
-    chain = P.lkh_chain(vectors, time_limit_s=1.0)
-    best = max(P.chain_quality(vectors, torch.tensor(order)) for order in itertools.permutations(range(7)))
+    chain = C.lkh_chain(vectors, time_limit_s=1.0)
+    best = max(C.chain_quality(vectors, torch.tensor(order)) for order in itertools.permutations(range(7)))
     assert sorted(chain.tolist()) == list(range(7))
-    assert P.chain_quality(vectors, chain) == pytest.approx(best, abs=1e-4)  # distances rounded to 1e-5
+    assert C.chain_quality(vectors, chain) == pytest.approx(best, abs=1e-4)  # distances rounded to 1e-5
 
 
 def test_lkh_chain_is_a_valid_chain_at_least_as_good_as_fast_and_greedy_on_a_small_layer():
     kernels = _random_weight(16, 16, seed=13).reshape(256, 9)
     kernels[5:9] = 0
-    chain = P.lkh_chain(kernels, time_limit_s=2.0)
+    chain = C.lkh_chain(kernels, time_limit_s=2.0)
     assert sorted(chain.tolist()) == list(range(256))
-    lkh = P.chain_quality(kernels, chain)
-    assert lkh >= P.chain_quality(kernels, P.fast_chain(kernels))
-    assert lkh >= P.chain_quality(kernels, P.greedy_chain(kernels))
+    lkh = C.chain_quality(kernels, chain)
+    assert lkh >= C.chain_quality(kernels, C.fast_chain(kernels))
+    assert lkh >= C.chain_quality(kernels, C.greedy_chain(kernels))
     assert P.is_bijection(P.layer_permutation(kernels.reshape(16, 16, 3, 3), "crossfilter", "lkh"), 256)
 
 
 def test_lkh_refuses_layers_whose_distance_matrix_is_too_large():
     with pytest.raises(NernError, match="lkh.*fast"):
-        P.lkh_chain(torch.zeros(P.LKH_MAX + 1, 9))
+        C.lkh_chain(torch.zeros(C.LKH_MAX + 1, 9))
 
 
 # ---------------------------------------------------------------------------------- quality and speed
@@ -182,30 +184,30 @@ def test_lkh_refuses_layers_whose_distance_matrix_is_too_large():
 
 def test_chain_quality_is_the_mean_cosine_of_consecutive_vectors():
     vectors = _angles(0, 60, 180)
-    assert P.chain_quality(vectors, torch.tensor([0, 1, 2])) == pytest.approx((0.5 - 0.5) / 2)
-    assert P.chain_quality(vectors, torch.tensor([2, 1, 0])) == pytest.approx(0.0)
-    assert P.chain_quality(vectors, torch.tensor([1, 0, 2])) == pytest.approx((0.5 - 1.0) / 2)
+    assert C.chain_quality(vectors, torch.tensor([0, 1, 2])) == pytest.approx((0.5 - 0.5) / 2)
+    assert C.chain_quality(vectors, torch.tensor([2, 1, 0])) == pytest.approx(0.0)
+    assert C.chain_quality(vectors, torch.tensor([1, 0, 2])) == pytest.approx((0.5 - 1.0) / 2)
 
 
 @pytest.mark.parametrize("cout,cin", [(64, 64), (128, 128)])
 def test_fast_chain_is_at_least_as_good_as_the_paper_greedy(cout, cin):
     kernels = _random_weight(cout, cin, seed=7).reshape(cout * cin, 9)
-    fast, greedy = P.fast_chain(kernels), P.greedy_chain(kernels)
+    fast, greedy = C.fast_chain(kernels), C.greedy_chain(kernels)
     assert sorted(fast.tolist()) == list(range(cout * cin))
-    assert P.chain_quality(kernels, fast) >= P.chain_quality(kernels, greedy)
+    assert C.chain_quality(kernels, fast) >= C.chain_quality(kernels, greedy)
 
 
 def test_auto_is_never_worse_than_greedy_on_small_layers():
     weight = _random_weight(16, 16, seed=8)
     kernels = weight.reshape(256, 9)
     auto = P.chain_of_positions(P.crossfilter_permutation(weight, "auto"))
-    greedy = P.greedy_chain(kernels)
-    assert P.chain_quality(kernels, auto) >= P.chain_quality(kernels, greedy)
+    greedy = C.greedy_chain(kernels)
+    assert C.chain_quality(kernels, auto) >= C.chain_quality(kernels, greedy)
 
 
 def test_permutations_are_deterministic():
     kernels = _random_weight(96, 96, seed=9).reshape(-1, 9)  # 9216 kernels: the k-means path
-    assert torch.equal(P.fast_chain(kernels, seed=3), P.fast_chain(kernels, seed=3))
+    assert torch.equal(C.fast_chain(kernels, seed=3), C.fast_chain(kernels, seed=3))
     weight = _random_weight(20, 12, seed=10)
     for mode in ("infilter", "crossfilter"):
         assert torch.equal(P.layer_permutation(weight, mode), P.layer_permutation(weight, mode))
