@@ -13,6 +13,10 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+# A key of the older vocabulary (fit_presets, ...) fails in one line naming its new name, before the schema.
+from nern.grid import check_renamed_keys
+
+check_renamed_keys(config)
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

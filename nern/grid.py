@@ -9,8 +9,10 @@ nern.config (`validate_jobs`).
 A network's `model` is a built-in `arch` or a user's network by reference (`factory`, `kwargs`, see
 nern.models); either is imported from weights (`original.source: import`) or pretrained from its init.
 
-A fit's settings merge in this order, later winning: the fit preset file, the network's `data`, its `fit`,
-its `fit_per_preset[<fit preset>]`, the ablation variant's `set` (or data_free=true), the grid's hidden size.
+A fit's settings merge in this order, later winning: the fit recipe file (config/recipes/), the network's
+`data`, its `fit`, its `fit_per_recipe[<recipe>]`, the ablation variant's `set` (or data_free=true), the grid's
+hidden size. A "preset" is a whole pipeline config (config.yaml, config/*.yaml); a "recipe" is one fit's
+settings file. Keys renamed from the older "fit preset" vocabulary fail with the new name (RENAMED_KEYS).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class Row:
     arch: str
     published: str | None  # key in the published-numbers file
     stage: str  # fit | ablation | data-free: which rule ran it
-    fit_preset: str
+    fit_preset: str  # the fit recipe (the manifest's and the tables' name for it, kept so results compare)
     original: str  # reg<factor> | imported
     smoothness: float | None
     permutation: str
@@ -113,7 +115,7 @@ class Fit:
     preset: str  # the pipeline preset (config name)
     stage: str  # fit | ablation | data-free
     net: str
-    fit_preset: str
+    fit_recipe: str
     orig: str
     perm: str
     hidden: int
@@ -121,7 +123,7 @@ class Fit:
 
     @property
     def point(self) -> str:
-        return f"{self.fit_preset}/{self.orig}/{self.perm}/h{self.hidden}"
+        return f"{self.fit_recipe}/{self.orig}/{self.perm}/h{self.hidden}"
 
     @property
     def dir(self) -> str:
@@ -192,7 +194,7 @@ def reference(net: Tree) -> dict[str, Any]:
     """The point the ablations, regularisation and data-free runs share (default: the grid's first values)."""
     grid, ref = net["grid"], net.get("reference") or {}
     return {
-        "fit_preset": ref.get("fit_preset", grid["fit_presets"][0]),
+        "fit_recipe": ref.get("fit_recipe", grid["fit_recipes"][0]),
         "smoothness": ref.get("smoothness", grid_smoothness(net)[0]),
         "permutation": ref.get("permutation", grid["permutations"][0]),
         "hidden": ref.get("hidden", grid["hidden"][0]),
@@ -202,7 +204,7 @@ def reference(net: Tree) -> dict[str, Any]:
 def reference_fit(preset: str, net: Tree, stage: str = "fit", variant: str = "", perm: str | None = None,
                   hidden: int | None = None) -> Fit:
     ref = reference(net)
-    return Fit(preset, stage, net["name"], ref["fit_preset"], original_id(net, ref["smoothness"]),
+    return Fit(preset, stage, net["name"], ref["fit_recipe"], original_id(net, ref["smoothness"]),
                perm or ref["permutation"], hidden or ref["hidden"], variant)
 
 
@@ -224,20 +226,20 @@ def variant_set(net: Tree, name: str) -> NamedTree:
 
 def check_network(config: Tree, net: Tree) -> None:
     """Fails before any job starts, naming the key."""
-    name, presets = net["name"], config["fit_presets"]
-    used = [("grid.fit_presets", p) for p in net["grid"]["fit_presets"]]
-    used += [(f"grid.extra[{i}].fit_presets", p) for i, extra in enumerate(net["grid"].get("extra") or [])
-             for p in extra.get("fit_presets", [])]
-    used += [("reference.fit_preset", (net.get("reference") or {}).get("fit_preset"))]
-    used += [(f"fit_per_preset.{p}", p) for p in net.get("fit_per_preset") or {}]
-    for key, preset in used:
-        if preset is not None and preset not in presets:
-            raise NernError(f"networks[{name}].{key}: fit preset '{preset}' is not in fit_presets "
-                            f"({', '.join(presets)})")
-    for preset, tree in (net.get("fit_per_preset") or {}).items():
+    name, recipes = net["name"], config["fit_recipes"]
+    used = [("grid.fit_recipes", r) for r in net["grid"]["fit_recipes"]]
+    used += [(f"grid.extra[{i}].fit_recipes", r) for i, extra in enumerate(net["grid"].get("extra") or [])
+             for r in extra.get("fit_recipes", [])]
+    used += [("reference.fit_recipe", (net.get("reference") or {}).get("fit_recipe"))]
+    used += [(f"fit_per_recipe.{r}", r) for r in net.get("fit_per_recipe") or {}]
+    for key, recipe in used:
+        if recipe is not None and recipe not in recipes:
+            raise NernError(f"networks[{name}].{key}: fit recipe '{recipe}' is not in fit_recipes "
+                            f"({', '.join(recipes)})")
+    for recipe, tree in (net.get("fit_per_recipe") or {}).items():
         for key in flatten(tree):
             if key.startswith("represent."):
-                raise NernError(f"networks[{name}].fit_per_preset.{preset}.{key}: the represented layers are "
+                raise NernError(f"networks[{name}].fit_per_recipe.{recipe}.{key}: the represented layers are "
                                 f"shared by all fits of a network (its permutations cover them); set it in "
                                 f"networks[{name}].fit")
     if net["original"]["source"] == "import":
@@ -263,6 +265,29 @@ def check_resources(config: Tree) -> None:
                                 f"default in resources.{rule}")
 
 
+# Keys of the older vocabulary, where "fit preset" meant what is now a fit recipe (config/recipes/).
+RENAMED_KEYS = {"fit_presets": "fit_recipes"}
+RENAMED_NETWORK_KEYS = {"fit_per_preset": "fit_per_recipe", "grid.fit_presets": "grid.fit_recipes",
+                        "grid.extra[].fit_presets": "grid.extra[].fit_recipes",
+                        "reference.fit_preset": "reference.fit_recipe"}
+
+
+def check_renamed_keys(config: Tree) -> None:
+    """A config written with an old key fails on the first one, naming the new key (run before the schema,
+    which would only say that the old key is not allowed)."""
+    for old, new in RENAMED_KEYS.items():
+        if old in config:
+            raise NernError(f"{old} is now {new} (fit recipes live in config/recipes/); rename the key")
+    for net in config.get("networks") or []:
+        grid_keys = net.get("grid") or {}
+        present = {"fit_per_preset": "fit_per_preset" in net, "grid.fit_presets": "fit_presets" in grid_keys,
+                   "grid.extra[].fit_presets": any("fit_presets" in extra for extra in grid_keys.get("extra") or []),
+                   "reference.fit_preset": "fit_preset" in (net.get("reference") or {})}
+        for old, new in RENAMED_NETWORK_KEYS.items():
+            if present[old]:
+                raise NernError(f"networks[{net.get('name')}].{old} is now {new}; rename the key")
+
+
 def network_resource(config: Tree, net: str, rule: str, key: str) -> Any:
     return (network(config, net).get("resources") or {}).get(rule, {}).get(key, config["resources"][rule][key])
 
@@ -272,7 +297,7 @@ def network_resource(config: Tree, net: str, rule: str, key: str) -> Any:
 
 def _row(group: str, label: Any, net: Tree, fit: Fit, smoothness: float | None, overrides: Tree | None = None) -> Row:
     return Row(group=group, label=str(label), network=net["name"], task=net["task"], arch=model_name(net),
-               published=net.get("published"), stage=fit.stage, fit_preset=fit.fit_preset, original=fit.orig,
+               published=net.get("published"), stage=fit.stage, fit_preset=fit.fit_recipe, original=fit.orig,
                smoothness=None if smoothness is None else float(smoothness), permutation=fit.perm,
                hidden=int(fit.hidden), variant=fit.variant, data_free=fit.stage == "data-free",
                overrides=dict(sorted(flatten(overrides).items())), dir=fit.dir)
@@ -282,12 +307,12 @@ def main_rows(preset: str, net: Tree) -> list[Row]:
     """One row per distinct point of the grid's products, in the order they are first given."""
     rows: dict[str, Row] = {}
     for product in grid_products(net):
-        for fit_preset in product["fit_presets"]:
+        for recipe in product["fit_recipes"]:
             for s in grid_smoothness(net, product):
                 for perm in product["permutations"]:
                     for h in product["hidden"]:
-                        fit = Fit(preset, "fit", net["name"], fit_preset, original_id(net, s), perm, h)
-                        rows.setdefault(fit.dir, _row("main", fit_preset, net, fit, s))
+                        fit = Fit(preset, "fit", net["name"], recipe, original_id(net, s), perm, h)
+                        rows.setdefault(fit.dir, _row("main", recipe, net, fit, s))
     return list(rows.values())
 
 
@@ -296,7 +321,7 @@ def regularisation_rows(preset: str, net: Tree) -> list[Row]:
     if not reg:
         return []
     return [_row("regularisation", factor_id(s), net,
-                 Fit(preset, "fit", net["name"], ref["fit_preset"], original_id(net, s), perm, h), s)
+                 Fit(preset, "fit", net["name"], ref["fit_recipe"], original_id(net, s), perm, h), s)
             for s in reg["smoothness"] for perm in reg.get("permutations", [ref["permutation"]])
             for h in reg.get("hidden", [ref["hidden"]])]
 
@@ -444,11 +469,11 @@ def tag_args(**tags: Any) -> str:
 
 
 def fit_trees(net: Tree, fit: Fit) -> list[NamedTree]:
-    """A fit's result-changing overrides over its fit preset file, in merge order. Threads, device and progress
+    """A fit's result-changing overrides over its fit recipe file, in merge order. Threads, device and progress
     bars are set in the shell command, so a different --cores or device does not rerun finished fits."""
     name = f"networks[{net['name']}]"
     trees = [(f"{name}.data", {"data": net["data"]}), (f"{name}.fit", net.get("fit") or {}),
-             (f"{name}.fit_per_preset.{fit.fit_preset}", (net.get("fit_per_preset") or {}).get(fit.fit_preset) or {})]
+             (f"{name}.fit_per_recipe.{fit.fit_recipe}", (net.get("fit_per_recipe") or {}).get(fit.fit_recipe) or {})]
     if fit.stage == "ablation":
         trees.append(variant_set(net, fit.variant))
     elif fit.stage == "data-free":
@@ -484,7 +509,7 @@ def original_trees(net: Tree, smoothness: str | None = None, start: str | None =
 
 
 def fit_tags(fit: Fit, task: str, rule: str, variant: str = "default") -> str:
-    return tag_args(rule=rule, preset=fit.preset, network=fit.net, task=task, fit_preset=fit.fit_preset,
+    return tag_args(rule=rule, preset=fit.preset, network=fit.net, task=task, fit_preset=fit.fit_recipe,
                     original=fit.orig, permutation=fit.perm, hidden=fit.hidden, variant=variant)
 
 
@@ -509,20 +534,20 @@ def stage_options(config: Tree, stage: str) -> str:
 
 
 def repo_file(repo: str | Path, path: str) -> str:
-    """Files the repository ships (fit presets, published numbers): relative paths are relative to it."""
+    """Files the repository ships (fit recipes, published numbers): relative paths are relative to it."""
     return str(path) if os.path.isabs(path) else str(Path(repo) / path)
 
 
-def fit_preset_file(config: Tree, repo: str | Path, name: str) -> str:
-    if name not in config["fit_presets"]:
-        raise NernError(f"fit preset '{name}' is not in fit_presets ({', '.join(config['fit_presets'])})")
-    return repo_file(repo, config["fit_presets"][name])
+def fit_recipe_file(config: Tree, repo: str | Path, name: str) -> str:
+    if name not in config["fit_recipes"]:
+        raise NernError(f"fit recipe '{name}' is not in fit_recipes ({', '.join(config['fit_recipes'])})")
+    return repo_file(repo, config["fit_recipes"][name])
 
 
-def check_job(cls: type, preset: Tree, trees: list[NamedTree], job: str, checked: set | None = None) -> None:
+def check_job(cls: type, base: Tree, trees: list[NamedTree], job: str, checked: set | None = None) -> None:
     """Each tree's keys and types alone first (so the error names the tree a typo is in; `checked` holds the
-    trees already seen), then the merged settings the job will run with (over the fit preset file's
-    `preset`), range checks included."""
+    trees already seen), then the merged settings the job will run with (over the fit recipe file's
+    settings, `base`), range checks included."""
     checked = set() if checked is None else checked
     for source, tree in trees:
         items = set_items([(source, tree)])
@@ -534,7 +559,7 @@ def check_job(cls: type, preset: Tree, trees: list[NamedTree], job: str, checked
             raise NernError(f"{source}: {exc}") from None
         checked.add((cls, *items))
     try:
-        load_config(cls, None, set_items(trees), base=preset)
+        load_config(cls, None, set_items(trees), base=base)
     except NernError as exc:
         raise NernError(f"{job}: {exc}") from None
 
@@ -542,13 +567,13 @@ def check_job(cls: type, preset: Tree, trees: list[NamedTree], job: str, checked
 def validate_jobs(config: Tree, repo: str | Path, rows: list[Row]) -> None:
     """The typed config of every fit, pretrain and import job the rows need, as the CLI will build it."""
     fits = {row.dir: row_fit(config["name"], row) for row in rows}
-    presets: dict[str, Tree] = {}  # each fit preset file read once (as load_config reads it)
+    recipes: dict[str, Tree] = {}  # each fit recipe file read once (as load_config reads it)
     checked: set = set()
     for fit in fits.values():
-        if fit.fit_preset not in presets:
-            presets[fit.fit_preset] = read_yaml(fit_preset_file(config, repo, fit.fit_preset))
-        check_job(FitConfig, presets[fit.fit_preset], fit_trees(network(config, fit.net), fit),
-                  f"the {fit.stage} fit {fit.dir} (fit preset '{fit.fit_preset}')", checked)
+        if fit.fit_recipe not in recipes:
+            recipes[fit.fit_recipe] = read_yaml(fit_recipe_file(config, repo, fit.fit_recipe))
+        check_job(FitConfig, recipes[fit.fit_recipe], fit_trees(network(config, fit.net), fit),
+                  f"the {fit.stage} fit {fit.dir} (fit recipe '{fit.fit_recipe}')", checked)
     for net_name, orig in sorted({(row.network, row.original) for row in rows}):
         net = network(config, net_name)
         smoothness = None if orig == "imported" else orig.removeprefix("reg")

@@ -420,10 +420,10 @@ def test_fit_removes_its_hooks_from_the_users_model_when_it_returns_and_when_it_
     assert _hooks(model) == 0
 
 
-def test_the_paper_preset_departs_from_nothing_and_the_fast_preset_lists_its_switches():
+def test_the_paper_recipe_departs_from_nothing_and_the_fast_recipe_lists_its_switches():
     from nern.fit import DEPARTURES, departures
 
-    root = Path(__file__).resolve().parents[1] / "config" / "presets"
+    root = Path(__file__).resolve().parents[1] / "config" / "recipes"
     assert departures(load_config(FitConfig, root / "paper.yaml")) == {}
     fast = departures(load_config(FitConfig, root / "fast.yaml"))
     assert fast == {"rec_only_iterations": 4800, "rec_only_batch": 4096, "loss.rec_space": "normalized",

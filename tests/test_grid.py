@@ -12,7 +12,7 @@ from nern import grid
 from nern.errors import NernError
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = {"fast": "config/presets/fast.yaml", "paper": "config/presets/paper.yaml"}
+RECIPES = {"fast": "config/recipes/fast.yaml", "paper": "config/recipes/paper.yaml"}
 
 
 def preset(**network_extra) -> dict:
@@ -23,7 +23,7 @@ def preset(**network_extra) -> dict:
         "data": {"name": "fashion_mnist", "root": "data"},
         "original": {"source": "pretrain", "set": {"epochs": 1}},
         "fit": {"iterations": 10, "eval_every": 5},
-        "grid": {"fit_presets": ["fast", "paper"], "smoothness": [0], "permutations": ["none", "crossfilter"],
+        "grid": {"fit_recipes": ["fast", "paper"], "smoothness": [0], "permutations": ["none", "crossfilter"],
                  "hidden": [8, 16]},
         "reference": {"permutation": "crossfilter", "hidden": 16},
         "regularisation": {"smoothness": [0, 1e-4], "permutations": ["none"]},
@@ -32,7 +32,7 @@ def preset(**network_extra) -> dict:
         "data_free": {},
     }
     network.update(network_extra)
-    return {"name": "unit", "description": "unit preset", "fit_presets": dict(PRESETS), "networks": [network]}
+    return {"name": "unit", "description": "unit preset", "fit_recipes": dict(RECIPES), "networks": [network]}
 
 
 def rows_of(config: dict, group: str) -> list[grid.Row]:
@@ -66,7 +66,7 @@ def test_rows_fill_every_table_in_order_and_share_the_reference_fit() -> None:
 def test_extra_grid_products_add_points_to_the_main_table_once_each() -> None:
     """crossfilter at two sizes plus none at one: no single product gives it."""
     config = preset()
-    config["networks"][0]["grid"].update(fit_presets=["fast"], permutations=["crossfilter"],
+    config["networks"][0]["grid"].update(fit_recipes=["fast"], permutations=["crossfilter"],
                                          extra=[{"permutations": ["none"], "hidden": [16]},
                                                 {"permutations": ["crossfilter"]}])  # all given already
     main = rows_of(config, "main")
@@ -114,14 +114,14 @@ def test_applications_run_on_every_fit_or_on_each_reference_fit() -> None:
 # -- overrides -------------------------------------------------------------------------------------------------
 
 
-def fit_sets(config: dict, stage: str, fit_preset: str, variant: str = "") -> list[str]:
-    fit = grid.Fit("unit", stage, "net", fit_preset, "reg0", "crossfilter", 16, variant)
+def fit_sets(config: dict, stage: str, recipe: str, variant: str = "") -> list[str]:
+    fit = grid.Fit("unit", stage, "net", recipe, "reg0", "crossfilter", 16, variant)
     return grid.set_items(grid.fit_trees(config["networks"][0], fit))
 
 
 def test_fit_overrides_merge_network_preset_variant_and_size_in_order() -> None:
     config = preset(fit={"iterations": 10, "loss": {"kd": 0.5}},
-                    fit_per_preset={"paper": {"loss.kd": 1e-5, "loss.warmup": 7}})
+                    fit_per_recipe={"paper": {"loss.kd": 1e-5, "loss.warmup": 7}})
     assert fit_sets(config, "fit", "fast") == ["data.name=fashion_mnist", "data.root=data", "iterations=10",
                                                "loss.kd=0.5", "predictor.hidden=16"]
     paper = fit_sets(config, "fit", "paper")
@@ -156,14 +156,14 @@ def validate(config: dict) -> None:
 
 
 def test_a_valid_preset_validates() -> None:
-    validate(preset(fit_per_preset={"paper": {"loss.kd": 1e-5}}))
+    validate(preset(fit_per_recipe={"paper": {"loss.kd": 1e-5}}))
 
 
 @pytest.mark.parametrize("change,needle", [
     (lambda n: n["ablations"][0]["variants"][0]["set"].update({"loss.kdd": 0}),
      r"networks\[net\]\.ablations\[loss\]\.variants\[rec\]\.set: unknown config key 'loss\.kdd'"),
-    (lambda n: n.update(fit_per_preset={"paper": {"sampling": {"methd": "all"}}}),
-     r"networks\[net\]\.fit_per_preset\.paper: unknown config key 'sampling\.methd'"),
+    (lambda n: n.update(fit_per_recipe={"paper": {"sampling": {"methd": "all"}}}),
+     r"networks\[net\]\.fit_per_recipe\.paper: unknown config key 'sampling\.methd'"),
     (lambda n: n["fit"].update({"iteratons": 5}), r"networks\[net\]\.fit: unknown config key 'iteratons'"),
     (lambda n: n["original"]["set"].update({"loss.kd": 0}),  # a fit key in the pretraining settings
      r"networks\[net\]\.original\.set: unknown config key 'loss'"),
@@ -178,19 +178,19 @@ def test_a_typo_anywhere_fails_naming_the_key_and_where_it_is(change, needle: st
 
 
 def test_a_merged_setting_out_of_range_names_the_job() -> None:
-    config = preset(fit_per_preset={"paper": {"predictor.depth": 1}})
+    config = preset(fit_per_recipe={"paper": {"predictor.depth": 1}})
     with pytest.raises(NernError, match=r"fit results/unit/net/fit/paper/.*'predictor\.depth'"):
         validate(config)
-    validate(preset(fit_per_preset={"fast": {"predictor.depth": 3}}))  # the same key in range is fine
+    validate(preset(fit_per_recipe={"fast": {"predictor.depth": 3}}))  # the same key in range is fine
 
 
 @pytest.mark.parametrize("change,needle", [
-    (lambda n: n.update(fit_per_preset={"papr": {}}), r"networks\[net\]\.fit_per_preset\.papr: fit preset 'papr'"),
-    (lambda n: n["grid"].update(fit_presets=["fast", "slow"]), r"networks\[net\]\.grid\.fit_presets: fit preset 'slow'"),
-    (lambda n: n["grid"].update(extra=[{"fit_presets": ["slow"]}]),
-     r"networks\[net\]\.grid\.extra\[0\]\.fit_presets: fit preset 'slow'"),
-    (lambda n: n.update(fit_per_preset={"paper": {"represent.max_kernel": 1}}),
-     r"fit_per_preset\.paper\.represent\.max_kernel: the represented layers are shared"),
+    (lambda n: n.update(fit_per_recipe={"papr": {}}), r"networks\[net\]\.fit_per_recipe\.papr: fit recipe 'papr'"),
+    (lambda n: n["grid"].update(fit_recipes=["fast", "slow"]), r"networks\[net\]\.grid\.fit_recipes: fit recipe 'slow'"),
+    (lambda n: n["grid"].update(extra=[{"fit_recipes": ["slow"]}]),
+     r"networks\[net\]\.grid\.extra\[0\]\.fit_recipes: fit recipe 'slow'"),
+    (lambda n: n.update(fit_per_recipe={"paper": {"represent.max_kernel": 1}}),
+     r"fit_per_recipe\.paper\.represent\.max_kernel: the represented layers are shared"),
     (lambda n: n["ablations"].append({"group": "again", "variants": [{"name": "rec", "set": {"loss.kd": 1}}]}),
      "variant 'rec' is defined twice"),
 ])
@@ -199,6 +199,24 @@ def test_network_consistency_the_schema_cannot_express(change, needle: str) -> N
     change(config["networks"][0])
     with pytest.raises(NernError, match=needle):
         grid.table_rows(config)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda c: c.update(fit_presets=c.pop("fit_recipes")), r"^fit_presets is now fit_recipes \(fit recipes live in config/recipes/\); rename the key$"),
+    (lambda c: c["networks"][0].update(fit_per_preset={"paper": {}}), r"^networks\[net\]\.fit_per_preset is now fit_per_recipe; "),
+    (lambda c: c["networks"][0]["grid"].update(fit_presets=["fast"]), r"^networks\[net\]\.grid\.fit_presets is now grid\.fit_recipes; "),
+    (lambda c: c["networks"][0]["grid"].update(extra=[{"fit_presets": ["fast"]}]),
+     r"^networks\[net\]\.grid\.extra\[\]\.fit_presets is now grid\.extra\[\]\.fit_recipes; "),
+    (lambda c: c["networks"][0]["reference"].update(fit_preset="fast"),
+     r"^networks\[net\]\.reference\.fit_preset is now reference\.fit_recipe; "),
+])
+def test_a_key_of_the_old_fit_preset_vocabulary_fails_in_one_line_naming_the_new_key(change, needle: str) -> None:
+    config = preset()
+    grid.check_renamed_keys(config)  # the current keys pass
+    change(config)
+    with pytest.raises(NernError, match=needle) as error:
+        grid.check_renamed_keys(config)
+    assert "\n" not in str(error.value)
 
 
 def test_a_network_resource_needs_a_preset_wide_default() -> None:
@@ -216,7 +234,7 @@ def test_a_network_resource_needs_a_preset_wide_default() -> None:
 
 
 @pytest.mark.parametrize("path", ["config.yaml", "config/test.yaml", "config/cifar10-public.yaml",
-                                  "config/paper.yaml"])
+                                  "config/paper.yaml", "config/cifar10-cpu.yaml", "config/cifar10-codec.yaml"])
 def test_every_shipped_preset_validates(path: str) -> None:
     validate(yaml.safe_load((REPO / path).read_text()))
 

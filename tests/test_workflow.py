@@ -228,6 +228,17 @@ def test_a_config_typo_fails_before_any_job_naming_the_key(tmp_path: Path) -> No
     assert "hiden" in output(done)
 
 
+def test_a_preset_with_the_old_fit_presets_key_fails_in_one_line_naming_fit_recipes(tmp_path: Path) -> None:
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    config["fit_presets"] = config.pop("fit_recipes")
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(config))
+    done = snakemake(["-n", "--snakefile", str(SNAKEFILE), "--directory", str(tmp_path), "--configfile",
+                      str(tmp_path / "old.yaml")], cwd=tmp_path, timeout_s=300)
+    assert done.returncode != 0
+    assert "fit_presets is now fit_recipes (fit recipes live in config/recipes/); rename the key\n" in output(done)
+    assert "Job stats" not in output(done)
+
+
 def test_a_typo_in_an_ablation_setting_fails_the_dry_run_naming_the_key(tmp_path: Path) -> None:
     """The schema cannot see inside `set:`; nern.grid validates every job's merged settings at DAG build."""
     config = yaml.safe_load(TEST_CONFIG.read_text())
@@ -309,7 +320,7 @@ def user_config(workdir: Path) -> Path:
                                                  "in_channels": 1, "num_classes": 10},
                    original={"source": "import", "checkpoint": "weights.pt"})
     network["data"].update(RAW_PIXELS)
-    network["grid"] = {"fit_presets": ["fast"], "permutations": ["none", "crossfilter"], "hidden": [16]}
+    network["grid"] = {"fit_recipes": ["fast"], "permutations": ["none", "crossfilter"], "hidden": [16]}
     path = workdir / "usernet.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

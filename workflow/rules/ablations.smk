@@ -1,7 +1,7 @@
 # Stage 4: ablations at each network's reference point: one fit per variant (loss terms, weight
 # sampling, smooth vs non-smooth embeddings, ...). A variant with no overrides is the reference fit itself.
 
-ABLATION_SUBDIR = "ablation/{variant}/{fit_preset}/{orig}/{perm}/h{hidden}"
+ABLATION_SUBDIR = "ablation/{variant}/{fit_recipe}/{orig}/{perm}/h{hidden}"
 ABLATION_OUT = f"{RESULTS}/{{net}}/{ABLATION_SUBDIR}"
 
 

@@ -4,9 +4,9 @@
 # Every path is derived from the preset (config): results/<preset>/<network>/... says what a file is.
 #   original/{orig}/                           the original network: orig = reg<factor> (pretrained) or imported
 #   permutation/{orig}/{perm}.safetensors      coordinate permutation of that original
-#   fit/{fit_preset}/{orig}/{perm}/h{hidden}/  one NeRN fit of the main grid (also the regularisation table)
-#   ablation/{variant}/{fit_preset}/{orig}/{perm}/h{hidden}/    an ablation fit
-#   data-free/{fit_preset}/{orig}/{perm}/h{hidden}/             a data-free fit
+#   fit/{fit_recipe}/{orig}/{perm}/h{hidden}/  one NeRN fit of the main grid (also the regularisation table)
+#   ablation/{variant}/{fit_recipe}/{orig}/{perm}/h{hidden}/    an ablation fit
+#   data-free/{fit_recipe}/{orig}/{perm}/h{hidden}/             a data-free fit
 # The per-job overrides are rule params, so changing one in the config reruns exactly the jobs it touches.
 
 import os
@@ -54,7 +54,7 @@ wildcard_constraints:
     reg=r"[0-9.e+-]+",
     perm="|".join(GRID_PERMUTATIONS),
     hidden=r"[0-9]+",
-    fit_preset="|".join(map(re.escape, config["fit_presets"])),
+    fit_recipe="|".join(map(re.escape, config["fit_recipes"])),
     variant=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",
 
 
@@ -65,8 +65,8 @@ def network_of(wildcards):
     return grid.network(config, wildcards.net)
 
 
-def fit_preset_input(wildcards):
-    return grid.fit_preset_file(config, REPO, wildcards.fit_preset)
+def fit_recipe_input(wildcards):
+    return grid.fit_recipe_file(config, REPO, wildcards.fit_recipe)
 
 
 def original_model(wildcards):
@@ -118,7 +118,7 @@ def permutation_input(wildcards):
 
 def fit_of(wildcards, stage):
     variant = wildcards.variant if stage == "ablation" else ""
-    return grid.Fit(PRESET, stage, wildcards.net, wildcards.fit_preset, wildcards.orig, wildcards.perm,
+    return grid.Fit(PRESET, stage, wildcards.net, wildcards.fit_recipe, wildcards.orig, wildcards.perm,
                     int(wildcards.hidden), variant)
 
 

@@ -1,6 +1,6 @@
 # Stage 5: data-free fits: the distillation losses see U[-2, 2] noise instead of task images.
 
-DATA_FREE_SUBDIR = "data-free/{fit_preset}/{orig}/{perm}/h{hidden}"
+DATA_FREE_SUBDIR = "data-free/{fit_recipe}/{orig}/{perm}/h{hidden}"
 DATA_FREE_OUT = f"{RESULTS}/{{net}}/{DATA_FREE_SUBDIR}"
 
 

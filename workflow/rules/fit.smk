@@ -1,13 +1,13 @@
-# Stage 3: NeRN fits over the grid of fit presets x originals x permutations x predictor sizes.
+# Stage 3: NeRN fits over the grid of fit recipes x originals x permutations x predictor sizes.
 # The same rule fits the reference points of the ablation, regularisation and data-free tables.
 
-FIT_SUBDIR = "fit/{fit_preset}/{orig}/{perm}/h{hidden}"
+FIT_SUBDIR = "fit/{fit_recipe}/{orig}/{perm}/h{hidden}"
 FIT_OUT = f"{RESULTS}/{{net}}/{FIT_SUBDIR}"
 
 
 rule fit:
     input:
-        preset=fit_preset_input,
+        recipe=fit_recipe_input,
         model=fitted_model,
         permutation=permutation_input,
     output:
@@ -24,7 +24,7 @@ rule fit:
     params:
         **fit_params("fit", "fit"),
     shell:
-        "{NERN} fit --config {input.preset} --model {input.model} --permutation {input.permutation}"
+        "{NERN} fit --config {input.recipe} --model {input.model} --permutation {input.permutation}"
         " {params.overrides} --set threads={threads} --set device={config[device]} --set progress=false"
         " --set compile={COMPILE} --out {params.out} --mlflow-uri {MLFLOW_URI} --experiment {PRESET} --run-name {params.run_name}"
         " {params.tags} > {log} 2>&1"
