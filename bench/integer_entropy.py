@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from nern import codec  # noqa: E402
 from nern.artifacts import load_tensors  # noqa: E402
-from nern.fit import fitted_steps  # noqa: E402
+from nern.predictor_file import fitted_steps  # noqa: E402
 
 
 def entropy_bits(values: np.ndarray) -> float:

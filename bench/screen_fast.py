@@ -56,13 +56,14 @@ def make_fitter(args: argparse.Namespace, rec: tuple[int, int | None], variant: 
 
 def val_top1(fitter) -> tuple[float, float]:
     """Validation top-1 of the current predictor and the seconds the evaluation took."""
-    from nern.fit import top1
+    from nern.measure import split_top1
     from nern.reconstruct import run_reconstructed
 
     start = time.perf_counter()
     weights = fitter.reconstructed_weights()
     forward = lambda x: run_reconstructed(fitter.s.model, fitter.s.rep, weights, x)  # noqa: E731
-    return top1(forward, fitter.s.splits.val, fitter.cfg, fitter.device), time.perf_counter() - start
+    return (split_top1(forward, fitter.s.splits.val, fitter.cfg.data.eval_batch_size, fitter.device),
+            time.perf_counter() - start)
 
 
 def rec_phase(args: argparse.Namespace, rec: tuple[int, int | None], setup) -> tuple[dict, dict]:

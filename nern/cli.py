@@ -7,15 +7,18 @@ to MLflow. A user error ends with one line `nern <stage>: error: ...` and exit s
 The package is layered; a module imports only from its own layer or below (tests/test_imports.py checks it):
 
 1. foundations: `errors`, `artifacts`, `config`;
-2. method modules: models, data, layers, embedding, predictor, reconstruct, sampling, losses, permutation,
-   feature_maps, smoothness, checkpoint, evaluate, tracking, plots, codec, pruning, table_format, grid (the
-   experiment design), symmetry, loop (the shared training loop), objective (NeRN's loss);
-3. training stages: `fit`, `pretrain`;
-4. stage plumbing: `runs` (arguments, the MLflow run of a job, a fitted NeRN's inputs), `network_files` (NeRN
+2. building blocks and services: models, data, layers, embedding, predictor, reconstruct, sampling, losses
+   (NeRN's objective and its terms), chain (the TSP chain solver), permutation, feature_maps, smoothness,
+   checkpoint, evaluate, measure, tracking, journal, plots, codec, nnc, qat, pruning, table_format, grid (the
+   experiment design), symmetry, loop (the shared training loop), optim;
+3. the method: `method` (NeRN's iteration on one screen, the departures beside it), `fit_setup` (what a fit
+   is built from), `predictor_file` (the file a fit writes, read back);
+4. training stages: `fit`, `pretrain`;
+5. stage plumbing: `runs` (arguments, the MLflow run of a job, a fitted NeRN's inputs), `network_files` (NeRN
    and original-network files and the network rebuilt from one);
-5. application stages: `compress`, `importance`;
-6. reports: `tables`;
-7. this CLI, which registers every sub-command explicitly (a broken import is an error, not a missing
+6. application stages: `compress`, `importance`;
+7. reports: `tables`;
+8. this CLI, which registers every sub-command explicitly (a broken import is an error, not a missing
    sub-command); only `__main__` imports it.
 """
 
@@ -173,8 +176,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from nern import models
     from nern.artifacts import read_metadata, write_json
     from nern.evaluate import layer_errors, top_k_accuracy
-    from nern.fit import decode_weights, load_predictor
     from nern.layers import conv_weights
+    from nern.predictor_file import decode_weights, load_predictor
     from nern.reconstruct import reconstructed_model
 
     cfg = load_config(FitConfig, args.config, args.set, base=model_overrides(args.model))

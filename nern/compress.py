@@ -44,10 +44,11 @@ from nern.artifacts import atomic_path, write_json
 from nern.codec import COMPRESSORS, FILE_SUFFIX, PRECISIONS, Encoded, write_container
 from nern.config import FitConfig, flatten, to_dict
 from nern.errors import NernError
-from nern.evaluate import top_k_accuracy
-from nern.fit import NON_RESULT_KEYS, Fitter, fitted_steps, prepare
+from nern.fit import Fitter
+from nern.fit_setup import prepare
 from nern.layers import ConvLayer, conv_weights
 from nern.losses import reconstruction_loss
+from nern.measure import pareto_front, split_top1
 from nern.network_files import (
     encode_network,
     encode_nern,
@@ -60,6 +61,7 @@ from nern.nnc import available as nnc_available
 from nern.nnc import NNC_SUFFIX, float_tensors, write_nnc
 from nern.plots import pyplot, save_figure
 from nern.predictor import Predictor
+from nern.predictor_file import NON_RESULT_KEYS, fitted_steps
 from nern.qat import MAX_BITS, MIN_BITS, attach_quantisers, detach_quantisers, learnt_steps
 from nern.pruning import (
     SCOPES,
@@ -257,11 +259,7 @@ def default_finetune_iterations(cfg: FitConfig, splits: Any) -> int:
 
 
 def _accuracy(network: nn.Module, splits: Any, cfg: FitConfig) -> float:
-    from nern import data as data_mod
-
-    network = network.to(cfg.device).eval()
-    batches = data_mod.eval_batches(splits.test, cfg.data.eval_batch_size)
-    return top_k_accuracy(network, batches, (1,), cfg.device)["top1"]
+    return split_top1(network.to(cfg.device).eval(), splits.test, cfg.data.eval_batch_size, cfg.device)
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -459,20 +457,16 @@ def summary_metrics(rows: list[dict[str, Any]], original_top1: float, opts: Comp
             metrics[f"{key}_bytes"] = row["bytes"]
             metrics[f"{key}_top1"] = row["top1"]
     representations = dict.fromkeys(r["representation"] for r in rows)
-    metrics["frontier"] = {rep: pareto_front([r for r in rows if r["representation"] == rep])
+    metrics["frontier"] = {rep: frontier([r for r in rows if r["representation"] == rep])
                            for rep in representations}
-    metrics["frontier"]["all"] = pareto_front(rows)
+    metrics["frontier"]["all"] = frontier(rows)
     return metrics
 
 
-def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows no other row beats in both bytes and accuracy, smallest first."""
-    front, best = [], -math.inf
-    for row in sorted(rows, key=lambda r: (r["bytes"], -r["top1"])):
-        if row["top1"] > best:
-            front.append({"label": row["label"], "bytes": row["bytes"], "top1": row["top1"]})
-            best = row["top1"]
-    return front
+def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows no other row beats in both bytes and accuracy, smallest first (label, bytes and top-1 of each)."""
+    front = pareto_front([(row["bytes"], row["top1"]) for row in rows])
+    return [{"label": rows[i]["label"], "bytes": rows[i]["bytes"], "top1": rows[i]["top1"]} for i in front]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -533,9 +527,9 @@ def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], original_top1: float, pat
             if pts:
                 ax.scatter([r["bytes"] for r in pts], [r["top1"] for r in pts], c=colour, marker=marker, s=28,
                            alpha=0.75, edgecolors="none")
-        front = pareto_front(family)
+        front = frontier(family)
         ax.plot([r["bytes"] for r in front], [r["top1"] for r in front], color=colour, label=name, lw=1.2)
-    overall = pareto_front(rows)
+    overall = frontier(rows)
     ax.plot([r["bytes"] for r in overall], [r["top1"] for r in overall], color="black", lw=2.5, alpha=0.25,
             label="Pareto front (all files)")
     for precision, marker in PRECISION_MARKERS.items():

@@ -29,14 +29,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nern import data as data_mod
 from nern.artifacts import atomic_path, write_json
 from nern.config import FitConfig, flatten, to_dict
 from nern.errors import NernError
-from nern.evaluate import top_k_accuracy
-from nern.fit import NON_RESULT_KEYS, decode_weights
 from nern.layers import ConvLayer, conv_weights
+from nern.measure import split_top1
 from nern.plots import pyplot, save_figure
+from nern.predictor_file import NON_RESULT_KEYS, decode_weights
 from nern.pruning import lowest_score_masks
 from nern.reconstruct import Representation, run_reconstructed
 from nern.runs import add_stage_arguments, comma_floats, comma_names, load_fitted, log_outputs, stage_run
@@ -182,8 +181,7 @@ def _accuracy(model: nn.Module, rep: Representation, weights: list[torch.Tensor]
     else:
         on_device = [w.to(cfg.device) for w in weights]
         forward = lambda x: run_reconstructed(model, rep, on_device, x)  # noqa: E731
-    batches = data_mod.eval_batches(splits.test, cfg.data.eval_batch_size)
-    return top_k_accuracy(forward, batches, (1,), cfg.device)["top1"]
+    return split_top1(forward, splits.test, cfg.data.eval_batch_size, cfg.device)
 
 
 def pruning_curves(model: nn.Module, rep: Representation, originals: list[torch.Tensor], errors: list[LayerErrors],

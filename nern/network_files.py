@@ -21,11 +21,11 @@ from torch import nn
 from nern.codec import Encoded, read_container
 from nern.config import EmbeddingConfig, FitConfig, ModelConfig
 from nern.errors import NernError
-from nern.fit import decode_weights
 from nern.layers import ConvLayer
 from nern.models import build_model, check_stored_config
 from nern.nnc import NNC_SUFFIX, read_nnc
 from nern.predictor import Predictor
+from nern.predictor_file import decode_weights
 from nern.reconstruct import Representation
 
 

@@ -1,7 +1,7 @@
 """What every stage command does around its work: its arguments, its MLflow run and params, its logged
 outputs, and (for the stages applied to a fitted NeRN) its inputs.
 
-It sits above the training stages (it reads a fitted predictor with `nern.fit.load_predictor`) and below
+It sits above the training stages (it reads a fitted predictor with `nern.predictor_file.load_predictor`) and below
 the application stages and the CLI, so `nern.compress`, `nern.importance` and `nern.cli` share it without
 importing one another.
 
@@ -140,8 +140,8 @@ def log_outputs(tracker: Tracker, out: Path, metrics: Mapping[str, Any], files: 
 def fitted_config(args: argparse.Namespace) -> FitConfig:
     """The fit's own config (data, embedding, losses) from the predictor file, then --model, --config, --set."""
     from nern.artifacts import read_metadata
-    from nern.fit import portable_config
     from nern.models import model_overrides
+    from nern.predictor_file import portable_config
 
     stored = read_metadata(args.predictor).get("config")
     if not isinstance(stored, dict):
@@ -156,7 +156,7 @@ def load_fitted(args: argparse.Namespace) -> tuple[FitConfig, nn.Module, Predict
     fitted NeRN (compress, importance) need."""
     from nern import data as data_mod
     from nern import models
-    from nern.fit import load_predictor
+    from nern.predictor_file import load_predictor
 
     cfg = fitted_config(args)
     if cfg.threads:

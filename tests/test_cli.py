@@ -227,7 +227,7 @@ def test_a_rerun_job_stays_one_mlflow_run_and_the_uri_comes_from_the_environment
 def test_permute_symmetry_writes_an_equivalent_network_that_costs_no_bytes(tmp_path, grey_model, capsys):
     """--mode symmetry permutes the network itself: same function, identity coordinates, 0 bytes to store."""
     from nern.config import FitConfig
-    from nern.fit import _positions
+    from nern.fit_setup import coordinate_positions
     from nern.layers import find_conv_layers
     from nern.models import load_model, model_overrides
 
@@ -246,7 +246,7 @@ def test_permute_symmetry_writes_an_equivalent_network_that_costs_no_bytes(tmp_p
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["mode"] == "symmetry" and summary["symmetry"]["permutation_bytes"] == 0
     layers = find_conv_layers(rebuilt, FitConfig().represent)
-    positions, mode, cost = _positions(layers, out)
+    positions, mode, cost = coordinate_positions(layers, out)
     assert (mode, cost) == ("symmetry", 0)
     assert all(torch.equal(p, torch.arange(len(p))) for p in positions)
 

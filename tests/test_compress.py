@@ -15,10 +15,11 @@ from nern import network_files as NF
 from nern.cli import main
 from nern.config import EmbeddingConfig, FitConfig, ModelConfig, PretrainConfig, load_config
 from nern.errors import NernError
-from nern.fit import decode_weights, fit, load_predictor
+from nern.fit import fit
 from nern.layers import find_conv_layers
 from nern.models import build_model, load_model
 from nern.predictor import Predictor
+from nern.predictor_file import decode_weights, load_predictor
 from nern.pretrain import pretrain
 from nern.reconstruct import Representation, identity_positions, reconstructed_model
 

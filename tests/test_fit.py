@@ -17,9 +17,12 @@ import torch
 from nern.config import DataConfig, FitConfig, PretrainConfig, load_config
 from nern.data import build_splits, load_arrays, normalise
 from nern.errors import NernError
-from nern.fit import Fitter, decode_weights, distillation_weights, fit, load_predictor, prepare
+from nern.fit import Fitter, fit
+from nern.fit_setup import prepare
 from nern.layers import conv_weights
-from nern.objective import kernel_reconstruction_term
+from nern.losses import kernel_rows_reconstruction_loss
+from nern.method import distillation_weights
+from nern.predictor_file import decode_weights, load_predictor
 from nern.pretrain import pretrain
 from nern.reconstruct import reconstructed_model
 
@@ -131,7 +134,7 @@ def test_kernel_rows_loss_on_every_row_is_the_rmse_of_the_placed_weights(fashion
         with torch.no_grad():
             full = fitter.reconstruction(fitter.predict_weights(None))
             emb, target, factor, mask = fitter.rec_rows.select(fitter.s.embeddings, None)
-            rows = kernel_reconstruction_term(fitter.predictor(emb) * factor, target, mask)
+            rows = kernel_rows_reconstruction_loss(fitter.predictor(emb) * factor, target, mask)
         assert float(rows) == pytest.approx(float(full), rel=1e-5)
         assert float(mask.sum()) == sum(w.numel() for w in fitter.originals)
 
@@ -421,7 +424,7 @@ def test_fit_removes_its_hooks_from_the_users_model_when_it_returns_and_when_it_
 
 
 def test_the_paper_recipe_departs_from_nothing_and_the_fast_recipe_lists_its_switches():
-    from nern.fit import DEPARTURES, departures
+    from nern.method import DEPARTURES, departures
 
     root = Path(__file__).resolve().parents[1] / "config" / "recipes"
     assert departures(load_config(FitConfig, root / "paper.yaml")) == {}

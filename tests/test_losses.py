@@ -109,7 +109,7 @@ def test_fused_fmd_overflow_fallback_equals_the_papers_fmd_in_value_and_gradient
 
 
 def test_objective_weighs_the_three_terms_and_skips_distillation_when_its_weights_are_zero():
-    from nern.objective import LossWeights, distillation_terms, nern_objective
+    from nern.losses import LossWeights, distillation_terms, nern_objective
 
     rec, kd, fmd = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(5.0)
     assert float(nern_objective(LossWeights(1.0, 0.5, 0.25), rec, kd, fmd)) == 2.0 + 1.5 + 1.25
@@ -124,7 +124,7 @@ def test_objective_weighs_the_three_terms_and_skips_distillation_when_its_weight
 
 
 def test_label_term_is_the_cross_entropy_and_counts_only_when_weighted():
-    from nern.objective import LossWeights, label_term, nern_objective
+    from nern.losses import LossWeights, label_term, nern_objective
 
     g = torch.Generator().manual_seed(1)
     logits, labels = torch.randn(6, 10, generator=g), torch.randint(0, 10, (6,), generator=g)

@@ -216,7 +216,9 @@ def test_quantise_bits_outside_the_codec_widths_is_a_clear_error():
 
 def test_a_quantised_fit_trains_through_the_rounding_and_its_file_holds_what_it_evaluated(
         fashion_mnist_root, tmp_path):
-    from nern.fit import Fitter, decode_weights, fitted_steps, load_predictor, prepare, save_predictor
+    from nern.fit import Fitter
+    from nern.fit_setup import prepare
+    from nern.predictor_file import decode_weights, fitted_steps, load_predictor, save_predictor
 
     cfg = quantised_fit_config(fashion_mnist_root, bits=3)
     with Fitter(cfg, prepare(cfg), tmp_path) as fitter:
@@ -242,7 +244,8 @@ def test_a_quantised_fit_trains_through_the_rounding_and_its_file_holds_what_it_
 def test_the_steps_learn_in_their_own_group_at_the_scaled_lr_without_weight_decay(fashion_mnist_root, tmp_path):
     from dataclasses import replace
 
-    from nern.fit import Fitter, prepare
+    from nern.fit import Fitter
+    from nern.fit_setup import prepare
 
     base = quantised_fit_config(fashion_mnist_root, bits=4)
     cfg = replace(base, optim=replace(base.optim, step_lr_scale=10.0, weight_decay=1e-3))
@@ -270,7 +273,8 @@ def fit_resumes_exactly(cfg, tmp_path, steps_before_kill: int) -> dict:
     """A fit killed after `steps_before_kill` steps and rerun ends bit-identical to one run straight through;
     returns the straight run's predictor file tensors."""
     from nern.artifacts import load_tensors
-    from nern.fit import Fitter, fit, prepare
+    from nern.fit import Fitter, fit
+    from nern.fit_setup import prepare
 
     straight = fit(cfg, tmp_path / "straight")
     partial = Fitter(cfg, prepare(cfg), tmp_path / "resumed")
@@ -294,7 +298,8 @@ def test_a_quantised_fit_resumes_exactly(fashion_mnist_root, tmp_path):
 
 def test_compress_stores_a_quantised_fit_at_its_own_width_exactly(fashion_mnist_root, tmp_path):
     from nern.data import build_splits
-    from nern.fit import decode_weights, fit, fitted_steps, load_predictor
+    from nern.fit import fit
+    from nern.predictor_file import decode_weights, fitted_steps, load_predictor
     from nern.layers import conv_weights
 
     cfg = quantised_fit_config(fashion_mnist_root, bits=3)

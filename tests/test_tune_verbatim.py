@@ -22,7 +22,8 @@ def tuned_config(root, **extra):
 
 
 def test_distillation_trains_the_verbatim_tensors_and_leaves_the_original_alone(fashion_mnist_root, tmp_path):
-    from nern.fit import Fitter, prepare
+    from nern.fit import Fitter
+    from nern.fit_setup import prepare
 
     cfg = tuned_config(fashion_mnist_root)
     setup = prepare(cfg)
@@ -45,7 +46,9 @@ def test_distillation_trains_the_verbatim_tensors_and_leaves_the_original_alone(
 
 def test_the_predictor_file_and_the_codec_file_hold_the_tuned_tensors(fashion_mnist_root, tmp_path):
     from nern.config import EmbeddingConfig
-    from nern.fit import Fitter, fitted_steps, load_predictor, prepare, save_predictor
+    from nern.fit import Fitter
+    from nern.fit_setup import prepare
+    from nern.predictor_file import fitted_steps, load_predictor, save_predictor
 
     cfg = tuned_config(fashion_mnist_root)
     setup = prepare(cfg)
