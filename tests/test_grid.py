@@ -239,6 +239,22 @@ def test_every_shipped_preset_validates(path: str) -> None:
     validate(yaml.safe_load((REPO / path).read_text()))
 
 
+def preset_names(paths: list[Path]) -> list[str]:
+    return [yaml.safe_load(path.read_text())["name"] for path in paths]
+
+
+def test_config_holds_the_product_presets_and_every_preset_or_experiment_has_its_own_name() -> None:
+    """One name per results/<name>/ and MLflow experiment: two files with one name would overwrite each other's
+    tables. config/ keeps the presets a user picks; past sweeps are experiments/<topic>/*.yaml."""
+    presets = [REPO / "config.yaml"] + sorted(p for p in (REPO / "config").glob("*.yaml") if p.name != "published.yaml")
+    experiments = sorted((REPO / "experiments").glob("*/*.yaml"))
+    assert sorted(preset_names(presets)) == sorted(["default", "test", "cifar10-cpu", "cifar10-public", "paper",
+                                                    "cifar10-codec"])
+    names = preset_names(presets + experiments)
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert experiments and all(path.stem == name for path, name in zip(experiments, preset_names(experiments)))
+
+
 def test_cifar10_public_gives_resnet56_the_papers_distillation_weights_under_paper_only() -> None:
     config = yaml.safe_load((REPO / "config" / "cifar10-public.yaml").read_text())
     network = grid.network(config, "cifar10-resnet56")

@@ -118,81 +118,119 @@ def check_outputs(workdir: Path, preset: str, counts: dict[str, int]) -> None:
 # -- every preset's DAG --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["config.yaml", "config/test.yaml", "config/paper.yaml",
-                                    "config/cifar10-public.yaml", "config/cifar10-cpu.yaml",
-                                    "config/cifar10-codec.yaml", "config/cifar10-codec-long.yaml",
-                                    "config/cifar10-codec-targets.yaml", "config/cifar10-codec-50k.yaml",
-                                    "config/cifar10-codec-lowbit.yaml", "config/cifar10-codec-fmd.yaml",
-                                    "config/cifar10-codec-ce.yaml", "config/cifar10-codec-50k-ce.yaml"])
-@pytest.mark.slow
-def test_every_preset_builds_its_whole_dag_offline(preset: str) -> None:
-    config = yaml.safe_load((REPO / preset).read_text())
-    for network in config["networks"]:
+PRESETS = ["config.yaml"] + sorted(f"config/{path.name}" for path in (REPO / "config").glob("*.yaml")
+                                  if path.name != "published.yaml")
+# An experiment file overrides the preset of its folder (experiments/README.md).
+EXPERIMENT_BASES = {"codec": "config/cifar10-codec.yaml"}
+EXPERIMENTS = [(EXPERIMENT_BASES[path.parent.name], str(path.relative_to(REPO)))
+               for path in sorted((REPO / "experiments").glob("*/*.yaml"))]
+
+
+def merged_networks(files: tuple[str, ...]) -> list[dict]:
+    """The networks of config files merged as Snakemake merges them (a later list replaces an earlier one)."""
+    networks: list[dict] = []
+    for path in files:
+        networks = yaml.safe_load((REPO / path).read_text()).get("networks", networks)
+    return networks
+
+
+def skip_without_weights(files: tuple[str, ...]) -> None:
+    for network in merged_networks(files):
         weights = network["original"].get("checkpoint") or ""
         if weights and not weights.startswith("torchvision:") and not (REPO / weights).is_file():
-            pytest.skip(f"{preset} needs {weights}")
-    done = snakemake(["-n", "--forceall", "--nolock", "--configfile", preset], cwd=REPO, timeout_s=300)
+            pytest.skip(f"{' '.join(files)} needs {weights}")
+
+
+@pytest.mark.parametrize("files", [(preset,) for preset in PRESETS] + EXPERIMENTS, ids=" + ".join)
+@pytest.mark.slow
+def test_every_preset_and_experiment_builds_its_whole_dag_offline(files: tuple[str, ...]) -> None:
+    skip_without_weights(files)
+    done = snakemake(["-n", "--forceall", "--nolock", "--configfile", *files], cwd=REPO, timeout_s=300)
     assert done.returncode == 0, tail(done)
     counts = job_counts(output(done))
-    print(f"{preset}: {counts}")
+    print(f"{' + '.join(files)}: {counts}")
     assert STAGE_RULES - {"permute"} <= set(counts), counts
     assert {"permute", "permute_network"} & set(counts), counts  # a symmetry-only grid permutes the network alone
     assert counts["tables"] == counts["manifest"] == counts["all"] == 1
-    if preset == "config/paper.yaml":
+    if files == ("config/paper.yaml",):
         assert {"pretrain", "import_weights", "fit_ablation", "fit_data_free"} <= set(counts)
         assert counts["fit"] >= 4 * 3 * 3  # four networks x three permutations x at least three sizes
 
 
-def dry_run_preset(preset: str) -> str:
-    """The printed dry run (-n -p) of a preset whose first network imports a checkpoint; skips when it is absent."""
-    config = yaml.safe_load((REPO / preset).read_text())
-    if not (REPO / config["networks"][0]["original"]["checkpoint"]).is_file():
-        pytest.skip(f"{preset} needs {config['networks'][0]['original']['checkpoint']}")
-    done = snakemake(["-n", "--forceall", "--nolock", "--configfile", preset, "--cores", "2", "-p"], cwd=REPO,
+def dry_run_preset(*files: str) -> str:
+    """The printed dry run (-n -p) of a preset (and the experiment files over it) whose networks import a checkpoint;
+    skips when one is absent."""
+    skip_without_weights(files)
+    done = snakemake(["-n", "--forceall", "--nolock", "--configfile", *files, "--cores", "2", "-p"], cwd=REPO,
                      timeout_s=300)
     assert done.returncode == 0, tail(done)
     return output(done)
 
 
-def test_the_codec_preset_fits_quantised_predictors_and_permutes_the_network_for_symmetry() -> None:
-    """config/cifar10-codec.yaml (issue #15): a float fit and four fits through 4- and 3-bit quantisers (one on the
-    symmetry-permuted network, which rule permute_network writes and the fit reads), meta-compression with NNCodec
-    on every fit, no importance."""
-    preset = "config/cifar10-codec.yaml"
-    text = dry_run_preset(preset)
+def fit_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "nern fit" in line]
+
+
+def test_the_codec_preset_fits_the_best_recipes_at_three_seeds_each() -> None:
+    """config/cifar10-codec.yaml: on the symmetry-permuted network (rule permute_network writes it, the fits read
+    it), int4 h=132 with fmd 0.1 label-free and with loss.ce 1, and int6 h=160, each at seeds 0, 1, 2; 1,500
+    distillation iterations with BatchNorm/FC tuned; every fit compressed (NNCodec beside), no importance."""
+    text = dry_run_preset("config/cifar10-codec.yaml")
+    assert job_counts(text) == {"import_weights": 1, "permute_network": 1, "fit": 9, "compress": 9,
+                                "manifest": 1, "tables": 1, "all": 1}
+    fits = fit_lines(text)
+    assert all("symmetry.model.safetensors --permutation" in f and "--set iterations=1500" in f
+               and "--set tune_verbatim=true" in f for f in fits)
+
+    def recipe(line: str) -> tuple:
+        found = {key: re.search(rf"--set {re.escape(key)}=(\S+)", line) for key in
+                 ("predictor.quantise_bits", "predictor.hidden", "loss.fmd", "loss.ce", "optim.step_lr_scale", "seed")}
+        return tuple(match.group(1) if match else "-" for match in found.values())
+
+    assert sorted(recipe(f) for f in fits) == sorted(
+        [("4", "132", "0.1", "-", "10", seed) for seed in ("-", "1", "2")]
+        + [("4", "132", "0.1", "1", "10", seed) for seed in ("-", "1", "2")]
+        + [("6", "160", "-", "-", "-", seed) for seed in ("-", "1", "2")])  # "-": not set (seed: the default, 0)
+
+
+def test_the_first_codec_sweep_fits_quantised_predictors_and_permutes_the_network_for_symmetry() -> None:
+    """experiments/codec/cifar10-codec-first.yaml (issue #15): a float fit and four fits through 4- and 3-bit
+    quantisers (one on the symmetry-permuted network), meta-compression with NNCodec on every fit, no importance."""
+    text = dry_run_preset("config/cifar10-codec.yaml", "experiments/codec/cifar10-codec-first.yaml")
     assert job_counts(text) == {"import_weights": 1, "permute": 1, "permute_network": 1, "fit": 5,
                                 "compress": 5, "manifest": 1, "tables": 1, "all": 1}
     assert "--mode symmetry" in text and "--model-out" in text
     assert "permutation/imported/symmetry.model.safetensors --permutation" in text  # the fit reads the permuted net
-    assert "--nncodec-qps=-38,-32,-26,-20,-16,-12" in text
+    assert "--nncodec-qps=-38,-32,-26,-20,-16,-12" in text and "--precisions=fp16,int8" in text
+    assert "results/cifar10-codec-first/cifar10-resnet20/" in text
     fits = re.findall(r"nern fit .*?--out (\S+)", text)
-    quantised = [line for line in text.splitlines() if "nern fit" in line and "predictor.quantise_bits" in line]
+    quantised = [line for line in fit_lines(text) if "predictor.quantise_bits" in line]
     assert len(fits) == 5 and len(quantised) == 4
     assert all("--set iterations=600" in line for line in quantised)
+    assert not any("tune_verbatim" in line for line in fit_lines(text))  # the preset's network entry is replaced
     assert sum("predictor.quantise_bits=3" in line for line in quantised) == 1
 
 
-def test_the_long_codec_preset_fits_longer_and_tunes_the_verbatim_tensors() -> None:
-    """config/cifar10-codec-long.yaml: three quantised fits (int4 h160/h132, int6 h160) on the symmetry-permuted
-    network, 1,500 distillation iterations each, BatchNorm/FC trained with them, then compressed."""
-    preset = "config/cifar10-codec-long.yaml"
-    text = dry_run_preset(preset)
+def test_the_long_codec_sweep_fits_longer_and_tunes_the_verbatim_tensors() -> None:
+    """experiments/codec/cifar10-codec-long.yaml: three quantised fits (int4 h160/h132, int6 h160) on the
+    symmetry-permuted network, 1,500 distillation iterations each, BatchNorm/FC trained with them, then compressed."""
+    text = dry_run_preset("config/cifar10-codec.yaml", "experiments/codec/cifar10-codec-long.yaml")
     assert job_counts(text) == {"import_weights": 1, "permute_network": 1, "fit": 3, "compress": 3,
                                 "manifest": 1, "tables": 1, "all": 1}
-    fits = [line for line in text.splitlines() if "nern fit" in line]
+    fits = fit_lines(text)
     assert len(fits) == 3 and all("--set iterations=1500" in f and "--set tune_verbatim=true" in f for f in fits)
     assert all("symmetry.model.safetensors --permutation" in f for f in fits)
     assert sorted(re.search(r"quantise_bits=(\d)", f).group(1) + re.search(r"hidden=(\d+)", f).group(1)
                   for f in fits) == ["4132", "4160", "6160"]
 
 
-def test_the_targets_codec_preset_sizes_one_fit_per_target() -> None:
-    """config/cifar10-codec-targets.yaml: int4 h134 and int5 h114 (the 50-KB files) for 3,000 distillation iterations,
-    int6 h160 (the 100-KB file) for 1,500, all on the symmetry-permuted network with BatchNorm/FC tuned."""
-    text = dry_run_preset("config/cifar10-codec-targets.yaml")
+def test_the_targets_codec_sweep_sizes_one_fit_per_target() -> None:
+    """experiments/codec/cifar10-codec-targets.yaml: int4 h134 and int5 h114 (the 50-KB files) for 3,000
+    distillation iterations, int6 h160 (the 100-KB file) for 1,500, all on the symmetry-permuted network."""
+    text = dry_run_preset("config/cifar10-codec.yaml", "experiments/codec/cifar10-codec-targets.yaml")
     assert job_counts(text) == {"import_weights": 1, "permute_network": 1, "fit": 3, "compress": 3,
                                 "manifest": 1, "tables": 1, "all": 1}
-    fits = [line for line in text.splitlines() if "nern fit" in line]
+    fits = fit_lines(text)
     assert all("--set tune_verbatim=true" in f and "symmetry.model.safetensors --permutation" in f for f in fits)
     found = sorted((re.search(r"quantise_bits=(\d)", f).group(1), re.search(r"hidden=(\d+)", f).group(1),
                     re.search(r"--set iterations=(\d+)", f).group(1)) for f in fits)
