@@ -119,10 +119,6 @@ def compact_scale(scale: torch.Tensor) -> torch.Tensor:
     return half if torch.equal(half.float(), scale) else scale
 
 
-def dequantise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.reshape(-1, *([1] * (q.dim() - 1)))
-
-
 def fake_quantise(w: torch.Tensor, precision: str, mask: torch.Tensor | None = None) -> torch.Tensor:
     """What a tensor becomes after encoding and decoding in memory (the expected read-back, for tests)."""
     tensors, spec = encode_tensor("t", w, precision, mask)

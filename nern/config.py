@@ -224,13 +224,6 @@ class PretrainConfig:
 # Loading and validation
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the annotated type, or raise naming the key and what is allowed."""
     origin = get_origin(tp)
@@ -355,18 +348,20 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "config file", fix: str = "") -> dict[str, Any]:
+    """A YAML file holding a mapping (a config, a manifest, published numbers); a missing or invalid file, or one
+    holding something else, is a user error naming `what` (and, when it is missing, `fix`)."""
     path = Path(path)
     if not path.is_file():
-        raise NernError(f"config file not found: {path}")
+        raise NernError(f"{what} not found: {path}" + (f"; {fix}" if fix else ""))
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise NernError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+        raise NernError(f"{what} {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
     if not isinstance(data, dict):
-        raise NernError(f"config file {path} must hold a mapping of keys")
+        raise NernError(f"{what} {path} must hold a mapping of keys")
     return data
 
 
@@ -392,10 +387,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}: the form MLflow params and table columns take."""
+def flatten(tree: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} and {'a.b': 1} both become {'a.b': 1} (None: {}): the form MLflow params, table columns
+    and the pipeline's per-job overrides take."""
     out: dict[str, Any] = {}
-    for k, v in tree.items():
+    for k, v in (tree or {}).items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))

@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from nern.config import FitConfig, PretrainConfig, check_overrides, load_config, read_yaml
+from nern.artifacts import atomic_path
+from nern.config import FitConfig, PretrainConfig, check_overrides, flatten, load_config, read_yaml
 from nern.errors import NernError
 
 Tree = dict[str, Any]
@@ -104,6 +105,15 @@ def _fields(cls: type, data: Any, where: str) -> dict[str, Any]:
 # -- the fits a preset asks for ----------------------------------------------------------------------------
 
 
+# Where each result lives below results/<preset>/<network>/: the one place these paths are spelled. The workflow's
+# rules fill the templates' {wildcards} (workflow/rules/common.smk); the manifest names the same directories.
+ORIGINAL_DIR = "original/{orig}"  # orig: imported, or reg<factor> (pretrained or fine-tuned with that factor)
+PERMUTATION_STEM = "permutation/{orig}/{perm}"  # .safetensors (positions), .json, .model.safetensors (symmetry)
+FIT_POINT = "{fit_recipe}/{orig}/{perm}/h{hidden}"
+FIT_DIRS = {"fit": f"fit/{FIT_POINT}", "ablation": f"ablation/{{variant}}/{FIT_POINT}",
+            "data-free": f"data-free/{FIT_POINT}"}
+
+
 def results_dir(preset: str) -> str:
     return f"results/{preset}"
 
@@ -123,12 +133,13 @@ class Fit:
 
     @property
     def point(self) -> str:
-        return f"{self.fit_recipe}/{self.orig}/{self.perm}/h{self.hidden}"
+        return FIT_POINT.format(fit_recipe=self.fit_recipe, orig=self.orig, perm=self.perm, hidden=self.hidden)
 
     @property
     def dir(self) -> str:
-        kind = {"fit": "fit", "ablation": f"ablation/{self.variant}", "data-free": "data-free"}[self.stage]
-        return f"{results_dir(self.preset)}/{self.net}/{kind}/{self.point}"
+        below = FIT_DIRS[self.stage].format(variant=self.variant, fit_recipe=self.fit_recipe, orig=self.orig,
+                                            perm=self.perm, hidden=self.hidden)
+        return f"{results_dir(self.preset)}/{self.net}/{below}"
 
 
 def network(config: Tree, name: str) -> Tree:
@@ -386,7 +397,7 @@ def fit_metrics(rows: list[Row]) -> list[str]:
 
 
 def original_dir(preset: str, net: str, orig: str) -> str:
-    return f"{results_dir(preset)}/{net}/original/{orig}"
+    return f"{results_dir(preset)}/{net}/{ORIGINAL_DIR.format(orig=orig)}"
 
 
 def original_metrics(preset: str, rows: list[Row]) -> list[str]:
@@ -405,11 +416,8 @@ def manifest(config: Tree, rows: list[Row]) -> Manifest:
 
 def write_manifest(path: str | Path, data: dict[str, Any]) -> None:
     """Atomically, so an interrupted write never leaves half a manifest behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def application_dirs(config: Tree, rows: list[Row], stage: str | None = None) -> list[str]:
@@ -427,17 +435,6 @@ def application_dirs(config: Tree, rows: list[Row], stage: str | None = None) ->
 
 
 # -- the overrides each job runs with ------------------------------------------------------------------------
-
-
-def flatten(tree: Tree | None, prefix: str = "") -> Tree:
-    """{'loss': {'kd': 0}} and {'loss.kd': 0} both become {'loss.kd': 0}."""
-    flat: Tree = {}
-    for key, value in (tree or {}).items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def yaml_scalar(value: Any) -> str:

@@ -22,9 +22,9 @@ from nern.artifacts import remove_stale_temporaries, write_json
 from nern.checkpoint import fingerprint
 from nern.config import PretrainConfig, flatten, to_dict
 from nern.errors import NernError
-from nern.evaluate import top_k_accuracy
 from nern.layers import find_conv_layers
 from nern.loop import CHECKPOINT_FILE, LoopPlan, TrainingLoop, clear_resume_state, write_curves
+from nern.measure import split_top1
 from nern.smoothness import smoothness_penalty
 
 MODEL_FILE = "model.safetensors"
@@ -36,7 +36,7 @@ LOG_EVERY = 10  # a curves row every 10 iterations, and at every evaluation
 
 def _accuracy(model: nn.Module, imageset: Any, batch_size: int, device: str) -> float:
     model.eval()
-    return top_k_accuracy(model, data_mod.eval_batches(imageset, batch_size), (1,), device)["top1"]
+    return split_top1(model, imageset, batch_size, device)
 
 
 class Pretraining:

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from nern.artifacts import atomic_path, read_json, read_metadata
-from nern.config import GRID_PERMUTATIONS, NETWORK_PERMUTATIONS, flatten
+from nern.config import GRID_PERMUTATIONS, NETWORK_PERMUTATIONS, flatten, read_yaml
 from nern.errors import NernError
 from nern.compress import CSV_FILE as COMPRESSION_CSV
 from nern.compress import PRECISION_MARKERS, marker_key
 from nern.grid import Manifest
+from nern.measure import pareto_front
 from nern.plots import pyplot, save_figure
 from nern.table_format import MISSING_MD, format_cell, formatted, to_markdown  # noqa: F401 (re-exported)
 from nern.table_format import is_missing as _is_missing
@@ -45,13 +45,7 @@ MISSING_TEX = "--"
 
 
 def read_yaml_file(path: str | Path, what: str) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise NernError(f"{what} {path} not found; run the pipeline (snakemake) that writes it")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise NernError(f"{what} {path} must hold a YAML mapping")
-    return data
+    return read_yaml(path, what, fix="run the pipeline (snakemake) that writes it")
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -446,12 +440,7 @@ def rate_distortion_rows(manifest: Manifest) -> pd.DataFrame:
 
 def pareto_index(rows: pd.DataFrame) -> list[Any]:
     """Index of the rows no other row beats in both bytes and accuracy."""
-    front, best = [], float("-inf")
-    for index, row in rows.sort_values(["bytes", "top1"], ascending=[True, False]).iterrows():
-        if row["top1"] > best:
-            front.append(index)
-            best = row["top1"]
-    return front
+    return [rows.index[i] for i in pareto_front(list(zip(rows["bytes"], rows["top1"])))]
 
 
 def rate_distortion_table(rows: pd.DataFrame) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nern.config import FitConfig, PretrainConfig, check_overrides, flatten, load_config, to_dict
+from nern.config import FitConfig, PretrainConfig, check_overrides, flatten, load_config, read_yaml, to_dict
 from nern.errors import NernError
 
 
@@ -39,6 +39,23 @@ def test_bad_values_name_the_key(override, needle):
 def test_flatten_roundtrip_keys():
     flat = flatten(to_dict(FitConfig()))
     assert flat["predictor.hidden"] == 180 and "model.arch" in flat
+
+
+def test_flatten_takes_nested_and_dotted_keys_and_none():
+    """The one flatten of the package: configs, MLflow params and the pipeline's per-job overrides."""
+    assert flatten({"loss": {"kd": 0, "fmd": {"x": 1}}, "optim.lr": 2}) == {"loss.kd": 0, "loss.fmd.x": 1, "optim.lr": 2}
+    assert flatten(None) == {} and flatten({}) == {}
+
+
+def test_read_yaml_names_the_file_and_the_fix(tmp_path):
+    with pytest.raises(NernError, match="manifest not found: .*m.yaml; run the pipeline"):
+        read_yaml(tmp_path / "m.yaml", "manifest", fix="run the pipeline")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(NernError, match="manifest .*list.yaml must hold a mapping"):
+        read_yaml(tmp_path / "list.yaml", "manifest")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(NernError, match="config file .*bad.yaml is not valid YAML"):
+        read_yaml(tmp_path / "bad.yaml")
 
 
 def test_check_overrides_checks_keys_and_types_but_not_ranges():
