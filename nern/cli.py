@@ -250,11 +250,42 @@ def _add_evaluate(sub: Any) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def cmd_track_sync(args: argparse.Namespace) -> None:
+    """Make a store hold a results tree's runs, from the journals the jobs wrote beside their outputs."""
+    from nern.tracking import DISABLED, default_tracking_uri, redact, sync_results
+
+    uri = default_tracking_uri(args.mlflow_uri, args.results_dir)
+    if uri == DISABLED:
+        raise NernError("nern track sync needs a store; pass --mlflow-uri http://host:port or sqlite:///<path>")
+    done = sync_results(args.results_dir, uri)
+    for job in done:
+        if any(job.sent.values()) or job.created:
+            sent = ", ".join(f"{n} {kind}" for kind, n in job.sent.items() if n)
+            print(f"[track sync] {job.journal.parent}: run {job.run_id} {'created' if job.created else 'found'}"
+                  f"{'; sent ' + sent if sent else ''}")
+    created, unfinished = sum(j.created for j in done), sum(j.status is None for j in done)
+    points = sum(j.sent.get("metrics", 0) for j in done)
+    print(f"[track sync] {len(done)} jobs in {redact(uri)}: {created} runs created, {len(done) - created} found, "
+          f"{points} metric points sent, {unfinished} jobs never ended")
+
+
+def _add_track(sub: Any) -> None:
+    p = sub.add_parser("track", help="MLflow tracking of a results tree")
+    actions = p.add_subparsers(dest="action", required=True)
+    sync = actions.add_parser("sync", help="log a results tree into an MLflow store from its jobs' journals "
+                                           "(idempotent: a rerun sends only what the store lacks)")
+    sync.add_argument("results_dir", metavar="RESULTS_DIR", help="results directory (searched recursively)")
+    sync.add_argument("--mlflow-uri", help="the store to fill (default: $NERN_MLFLOW_URI, $MLFLOW_TRACKING_URI, "
+                                           "else RESULTS_DIR/mlflow.db); credentials from MLFLOW_TRACKING_USERNAME/"
+                                           "PASSWORD")
+    sync.set_defaults(func=cmd_track_sync)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every sub-command, registered explicitly, in the order of the pipeline."""
     parser = argparse.ArgumentParser(prog="nern", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True)
-    for register in (_add_pretrain, _add_import, _add_permute, _add_fit, _add_evaluate):
+    for register in (_add_pretrain, _add_import, _add_permute, _add_fit, _add_evaluate, _add_track):
         register(sub)
     tables.register_cli(sub, "tables")
     compress.register_cli(sub, "compress")

@@ -25,6 +25,7 @@ from torch import nn
 
 from nern.config import DataConfig, FitConfig, load_config
 from nern.errors import NernError
+from nern.journal import JOURNAL_NAME
 from nern.predictor import Predictor
 from nern.reconstruct import Representation
 from nern.tracking import Tracker, config_digest
@@ -91,8 +92,10 @@ def stage_tracker(args: argparse.Namespace, stage: str, digest: str | None = Non
     name = args.run_name or f"{stage}:{Path(args.out).name if args.out else ''}"
     tags = {"nern.stage": stage, **parse_tags(args.tag)}
     resume_key = str(Path(args.out).resolve()) if args.out else None
+    journal = Path(args.out) / JOURNAL_NAME if args.out else None  # what the job logs, kept with its outputs
     return Tracker(args.mlflow_uri, args.experiment, name, tags, resume_key=resume_key, digest=digest,
-                   parent=getattr(args, "parent_run", None), system_metrics=getattr(args, "system_metrics", False))
+                   parent=getattr(args, "parent_run", None), system_metrics=getattr(args, "system_metrics", False),
+                   journal=journal)
 
 
 @contextlib.contextmanager

@@ -12,13 +12,24 @@ to the same SQLite file at once, so:
   the database: MLflow 3.17 runs its schema migrations unguarded, and 8 processes opening a fresh store at
   once fail with "table ... already exists" / "duplicate column" and can leave a half-migrated schema;
 - every MLflow call goes through `_retry`, which retries transient failures ("database is locked",
-  `OperationalError`, `TEMPORARILY_UNAVAILABLE`) with exponential backoff and jitter for up to 120 s;
+  `OperationalError`, `TEMPORARILY_UNAVAILABLE`) with exponential backoff and jitter for up to 120 s
+  (`$NERN_MLFLOW_RETRY_S`);
 - two processes creating the same experiment race; the loser re-fetches it by name.
 
+A tracking server can go away: `_retry` also waits out what means "try again" from a server (connection
+refused or reset, time-outs, HTTP 408/429/502/503/504), on top of MLflow's own HTTP retries
+(`client_retry_budget_s`), and fails at once, in one line, on rejected credentials (401/403). A job given a
+journal (`nern.journal`, beside its outputs) writes every call there first; when the store stays away past the
+budget the job goes on offline and replays the journal when it ends, or leaves it for `nern track sync`
+(`sync_results`), which makes any store hold a finished results tree, idempotently. A create request that
+MLflow's client re-sent after a lost answer can leave a twin run; twins (same job, same start time) are
+deleted at once.
+
 Runs are grouped: a job given a parent name (the pipeline passes its preset) becomes a child run
-(`mlflow.parentRunId`) of the one run tagged `nern.parent=<name>`, created by the first job that needs it, so
-the MLflow UI shows one expandable row per preset. Each job logs the data set it read as an MLflow dataset
-input (name, source, digest), and can log system metrics (CPU, memory) while it runs.
+(`mlflow.parentRunId`) of the one run tagged `nern.parent=<name>`, created by the first job that needs it (under
+a file lock: the SQLite file's, or `<results>/.mlflow-parent.lock` for a server), so the MLflow UI shows one
+expandable row per preset. Each job logs the data set it read as an MLflow dataset input (name, source,
+digest), and can log system metrics (CPU, memory) while it runs.
 
 MLflow is imported lazily: `import nern` must stay fast and work without it when tracking is off.
 """
@@ -35,12 +46,15 @@ import os
 import random
 import re
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from nern.errors import NernError
+from nern.journal import JOURNAL_NAME, Journal, find_journals, iter_ops, now_ms
 
 T = TypeVar("T")
 
@@ -48,6 +62,9 @@ DISABLED = "none"
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 RETRY_BUDGET_S = 120.0
+RETRY_ENV = "NERN_MLFLOW_RETRY_S"  # overrides RETRY_BUDGET_S (seconds), e.g. shorter in tests
+PARENT_LOCK = ".mlflow-parent.lock"
+HEALTH_TIMEOUT_S = 5.0
 
 # MLflow's own limits (mlflow.utils.validation); kept here so the module imports without mlflow.
 MAX_PARAM_VALUE = 6000
@@ -67,6 +84,24 @@ _PERMANENT_MARKERS = (
     "database or disk is full",
     "malformed",
 )
+# What a server (or the proxy before it) answers when it is restarting or overloaded.
+_TRANSIENT_STATUS = (408, 429, 502, 503, 504)
+_AUTH_STATUS = (401, 403)
+_STATUS_IN_TEXT = re.compile(r"error code (\d{3})\b|too many (\d{3}) error responses")
+# The texts of connection failures, for errors that reach us only as text (MLflow wraps them in its own).
+_CONNECTION_MARKERS = (
+    "connection refused",
+    "connection reset",
+    "connection aborted",
+    "remote end closed",
+    "remotedisconnected",
+    "broken pipe",
+    "timed out",
+    "failed to establish a new connection",
+)
+_AUTH_CODES = {"UNAUTHENTICATED": 401, "CUSTOMER_UNAUTHORIZED": 401, "PERMISSION_DENIED": 403}
+_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@]+@")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- URIs
@@ -93,6 +128,9 @@ def default_tracking_uri(uri: str | None = None, results_dir: str | os.PathLike 
         )
     if chosen.startswith("sqlite:///"):
         return _absolute_sqlite(chosen)
+    if urllib.parse.urlsplit(chosen).password is not None:
+        raise NernError(f"tracking URI {redact(chosen)} carries a password, which every job command would print; "
+                        "drop it from the URI and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
     return chosen
 
 
@@ -112,37 +150,155 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").partition("?")[0])
 
 
+def redact(text: str) -> str:
+    """`text` with the user:password@ part of every URL in it masked: messages must never carry credentials."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def store_reachable(uri: str) -> bool:
+    """Whether a tracking server answers at all (one quick /health request, no retries); other stores: True."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import requests
+
+    try:
+        answer = requests.get(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S)
+    except requests.RequestException:
+        return False
+    return answer.status_code not in _TRANSIENT_STATUS
+
+
 # ----------------------------------------------------------------------------------------- retrying
 
 
-def _is_transient(exc: BaseException) -> bool:
-    """Lock contention and MLflow's TEMPORARILY_UNAVAILABLE are worth waiting for; schema errors are not."""
+class StoreUnavailable(NernError):
+    """The store stayed locked or unreachable for the whole retry budget; a job with a journal goes on offline."""
+
+
+def retry_budget_s() -> float:
+    """How long `_retry` keeps trying one call: $NERN_MLFLOW_RETRY_S seconds, default RETRY_BUDGET_S."""
+    text = os.environ.get(RETRY_ENV, "").strip()
+    if not text:
+        return RETRY_BUDGET_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise NernError(f"${RETRY_ENV}={text!r} is not a number of seconds; unset it or set e.g. {RETRY_BUDGET_S:.0f}")
+    return value
+
+
+def client_retry_budget_s() -> float:
+    """The longest MLflow's own HTTP client sleeps between the attempts of one call before it gives up (urllib3
+    Retry: no sleep before the first retry, then BACKOFF_FACTOR * 2**(n-1) s before retry n, at most 120 s
+    each, plus up to BACKOFF_JITTER s), from $MLFLOW_HTTP_REQUEST_MAX_RETRIES (7), _BACKOFF_FACTOR (2) and
+    _BACKOFF_JITTER (1): about 250 s with the defaults. Each attempt may also wait up to
+    $MLFLOW_HTTP_REQUEST_TIMEOUT (120 s) for an answer."""
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_BACKOFF_JITTER,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    )
+
+    retries, factor = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
+    jitter = MLFLOW_HTTP_REQUEST_BACKOFF_JITTER.get()
+    return sum(min(120.0, factor * 2 ** (n - 1) + jitter) for n in range(2, retries + 1))
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and its causes (MLflow wraps connection errors in its own exception)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status a store error carries: in MLflow's message, or its error code."""
+    match = _STATUS_IN_TEXT.search(str(exc))
+    if match:
+        return int(match.group(1) or match.group(2))
+    code = getattr(exc, "error_code", None)
+    if code in _AUTH_CODES:
+        return _AUTH_CODES[code]
+    return 503 if code == "TEMPORARILY_UNAVAILABLE" else None
+
+
+def _auth_status(exc: BaseException) -> int | None:
+    """401 or 403 when the server refused the credentials (or their rights), else None."""
+    return next((s for s in map(_http_status, _chain(exc)) if s in _AUTH_STATUS), None)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    try:
+        import requests
+    except ImportError:  # pragma: no cover - mlflow depends on requests
+        requests = None
+    if requests is not None and isinstance(exc, requests.exceptions.SSLError):
+        return False  # a certificate problem does not go away by waiting
+    classes: tuple[type, ...] = (ConnectionError, TimeoutError)
+    if requests is not None:
+        classes += (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                    requests.exceptions.ChunkedEncodingError)
+    return isinstance(exc, classes) or any(marker in str(exc).lower() for marker in _CONNECTION_MARKERS)
+
+
+def _is_lock(exc: BaseException) -> bool:
     text = str(exc).lower()
-    if any(marker in text for marker in _PERMANENT_MARKERS):
+    return "database is locked" in text or "database table is locked" in text or "busy" in text
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth waiting for: lock contention, TEMPORARILY_UNAVAILABLE, and a server that is away (connection
+    refused/reset, time-outs, 408/429/502/503/504). Schema errors and rejected credentials are not."""
+    if any(marker in str(exc).lower() for marker in _PERMANENT_MARKERS) or _auth_status(exc) is not None:
         return False
-    if "database is locked" in text or "database table is locked" in text or "busy" in text:
+    if _is_lock(exc):
         return True
-    if getattr(exc, "error_code", None) == "TEMPORARILY_UNAVAILABLE":
-        return True
+    for link in _chain(exc):
+        if _http_status(link) in _TRANSIENT_STATUS or _is_connection_error(link):
+            return True
     return type(exc).__name__ == "OperationalError"  # sqlite3's and SQLAlchemy's
 
 
-def _retry(call: Callable[[], T], what: str, budget_s: float = RETRY_BUDGET_S) -> T:
-    """Run `call`, retrying transient store errors with exponential backoff and full jitter."""
-    deadline = time.monotonic() + budget_s
+def _auth_error(status: int, what: str) -> NernError:
+    if status == 401:
+        return NernError(f"the MLflow tracking server rejected the credentials (HTTP 401) when asked to {what}; "
+                         "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of that server")
+    return NernError(f"the MLflow account in MLFLOW_TRACKING_USERNAME may not {what} (HTTP 403); ask the server's "
+                     "admin for EDIT permission on the experiment, or use another account")
+
+
+def _unavailable(exc: BaseException, what: str, budget: float) -> StoreUnavailable:
+    hint = ("run fewer jobs in parallel or use a tracking server (tracking URI http://host:port)" if _is_lock(exc)
+            else "is the tracking server up?")
+    detail = redact(" ".join(str(exc).split()))[:240]
+    return StoreUnavailable(f"MLflow store stayed unavailable for {budget:.3g} s while trying to {what} "
+                            f"({detail}); {hint}")
+
+
+def _retry(call: Callable[[], T], what: str, budget_s: float | None = None) -> T:
+    """Run `call`, retrying transient store errors with exponential backoff and full jitter for `budget_s`
+    (default `retry_budget_s()`); rejected credentials fail at once with one clear line."""
+    budget = retry_budget_s() if budget_s is None else budget_s
+    deadline = time.monotonic() + budget
     attempt = 0
     while True:
         try:
             return call()
+        except NernError:
+            raise
         except Exception as exc:
+            status = _auth_status(exc)
+            if status is not None:
+                raise _auth_error(status, what) from None
             if not _is_transient(exc):
                 raise
             delay = random.uniform(0.5, 1.5) * min(5.0, 0.05 * 2**attempt)
             if time.monotonic() + delay > deadline:
-                raise NernError(
-                    f"MLflow store stayed unavailable for {budget_s:.0f} s while trying to {what} ({exc}); "
-                    "run fewer jobs in parallel or use a tracking server (tracking URI http://host:port)"
-                ) from exc
+                raise _unavailable(exc, what, budget) from exc
             attempt += 1
             time.sleep(delay)
 
@@ -161,19 +317,36 @@ def _quiet_lock_logs() -> None:
 
 
 @contextlib.contextmanager
-def _store_init_lock(uri: str) -> Iterator[None]:
-    """Serialise opening a SQLite store across processes (MLflow's table creation is not race-safe)."""
-    db = sqlite_path(uri)
-    if db is None:
+def _file_lock(path: Path | None) -> Iterator[None]:
+    """An exclusive lock on `path` (created), across processes; no lock when `path` is None."""
+    if path is None:
         yield
         return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as fh:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _store_init_lock(uri: str) -> contextlib.AbstractContextManager[None]:
+    """Serialise opening a SQLite store across processes (MLflow's table creation is not race-safe)."""
+    db = sqlite_path(uri)
+    return _file_lock(None if db is None else db.with_name(db.name + ".lock"))
+
+
+def _parent_lock(uri: str, results_dir: str | os.PathLike | None) -> Path | None:
+    """Where jobs serialise creating a parent run: beside the SQLite file, or in an existing results directory
+    (shared by the pipeline's jobs, on a cluster too) for a server; None: no lock (twins are then resolved to
+    the oldest by every later lookup)."""
+    db = sqlite_path(uri)
+    if db is not None:
+        return db.with_name(db.name + ".lock")
+    if results_dir is not None and Path(results_dir).is_dir():
+        return Path(results_dir) / PARENT_LOCK
+    return None
 
 
 # ------------------------------------------------------------------------------------------ values
@@ -210,6 +383,7 @@ def _slug(name: str) -> str:
 RESUME_TAG = "nern.out"  # the job's key: its output directory
 CONFIG_TAG = "nern.config"  # digest of the job's result-affecting config
 PARENT_TAG = "nern.parent"  # the name of a parent run (a preset); its children carry mlflow.parentRunId
+PARENT_ID_TAG = "mlflow.parentRunId"
 
 
 def config_digest(params: Mapping[str, Any]) -> str:
@@ -218,28 +392,82 @@ def config_digest(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class _Outbox:
+    """Where a job's calls go: its journal first (when it has one), then the store while the store answers.
+
+    Past the retry budget the job goes offline: the calls only reach the journal, and `flush` replays the
+    journal into the store when the job ends (or leaves it for `nern track sync`). Without a journal an
+    unavailable store is an error, as it always was.
+    """
+
+    def __init__(self, journal: str | os.PathLike | None, uri: str) -> None:
+        self.journal = Journal(journal) if journal is not None else None
+        self.uri = uri
+        self.offline = False
+
+    def begin(self, identity: dict[str, Any]) -> None:
+        if self.journal is not None:
+            self.journal.begin(identity)
+
+    def record(self, op: str, **fields: Any) -> None:
+        if self.journal is not None:
+            self.journal.append(op, **fields)
+
+    def send(self, call: Callable[[], Any], what: str) -> None:
+        if self.offline:
+            return
+        try:
+            _retry(call, what)
+        except StoreUnavailable as exc:
+            self.go_offline(exc)
+
+    def go_offline(self, exc: StoreUnavailable) -> None:
+        if self.journal is None:
+            raise exc
+        if not self.offline:
+            log.warning("%s; the job goes on and keeps what it logs in %s", exc, self.journal.path)
+        self.offline = True
+
+    def flush(self) -> str | None:
+        """Replay the journal of an offline job into the store; the run id, or None when the store is still away."""
+        if not self.offline or self.journal is None:
+            return None
+        later = (f"{self.journal.path} keeps this job's run: send it with `nern track sync <results dir> "
+                 f"--mlflow-uri {redact(self.uri)}`")
+        if not store_reachable(self.uri):
+            log.warning("MLflow store %s is still unreachable; %s", redact(self.uri), later)
+            return None
+        try:
+            replayed = replay_journal(self.journal.path, self.uri)
+        except StoreUnavailable as exc:
+            log.warning("%s; %s", exc, later)
+            return None
+        self.offline = False
+        log.warning("MLflow store %s is back: replayed this job's journal into run %s", redact(self.uri),
+                    replayed.run_id if replayed else None)
+        return replayed.run_id if replayed else None
+
+
 class Tracker:
     """One MLflow run for the duration of a `with` block; every method is a no-op when tracking is off.
 
     A job's run is found again in the store, never in a file beside the outputs (see `find_job_run`), so a
     pipeline that is killed anywhere and rerun ends with one FINISHED run per job. `run_id` reopens a given
-    run instead. On exit the run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C.
+    run instead. On exit the run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C. With a `journal`
+    (a file beside the job's outputs) every call is written there first, and a store that stays away does not
+    stop the job (`_Outbox`).
     """
 
     def __init__(
-        self,
-        uri: str | None,
-        experiment: str,
-        run_name: str,
-        tags: Mapping[str, Any] | None = None,
-        run_id: str | None = None,
-        enabled: bool = True,
+        self, uri: str | None, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
+        run_id: str | None = None, enabled: bool = True,
         *,
         results_dir: str | os.PathLike = "results",
         resume_key: str | None = None,
         digest: str | None = None,
         parent: str | None = None,
         system_metrics: bool = False,
+        journal: str | os.PathLike | None = None,
     ) -> None:
         self.uri = default_tracking_uri(uri, results_dir) if enabled else DISABLED
         self.enabled = enabled and self.uri != DISABLED
@@ -251,10 +479,13 @@ class Tracker:
         self.resume_key, self.digest = resume_key, digest
         self.tags.update({tag: value for tag, value in ((RESUME_TAG, resume_key), (CONFIG_TAG, digest)) if value})
         self.parent, self.system_metrics = parent, system_metrics
+        self.results_dir = results_dir
+        self.outbox = _Outbox(journal, self.uri)
         self._client: Any = None
         self._experiment_id: str | None = None
         self._params: dict[str, str] = {}
         self._monitor: Any = None
+        self._started = False
 
     # -- lifecycle
 
@@ -272,31 +503,31 @@ class Tracker:
             self._end_quietly("FAILED")
 
     def start(self) -> str | None:
-        """Create (or reopen) the run; returns its id, None when tracking is off."""
+        """Create (or reopen) the run; returns its id, None when tracking is off or the store is away."""
         if not self.enabled:
             return None
-        self._client, self._experiment_id = _open_store(self.uri, self.experiment)
-        if self.parent:
-            self.tags["mlflow.parentRunId"] = parent_run(self._client, self._experiment_id, self.parent, self.uri)
-        if not self.resumed and self.resume_key:
-            self.run_id = find_job_run(self._client, self._experiment_id, self.resume_key, self.digest)
-            self.resumed = self.run_id is not None
-        if self.resumed:
-            self._params = _reopen_run(self._client, self.run_id, self.uri)
-            self.set_tags(self.tags)
-        else:
-            self.run_id = _create_run(self._client, self._experiment_id, self.run_name, self.tags)
-        self._monitor = _start_system_metrics(self.run_id, self.uri) if self.system_metrics else None
+        try:
+            _open_run(self)
+        except StoreUnavailable as exc:
+            self.outbox.go_offline(exc)
+        tags = {"mlflow.user": _user(), **{k: v for k, v in self.tags.items() if k != PARENT_ID_TAG}}
+        self.outbox.begin({"experiment": self.experiment, "run_name": self.run_name, "tags": tags,
+                           "key": self.resume_key, "digest": self.digest, "parent": self.parent})
+        self._started = True
         return self.run_id
 
     def end(self, status: str = "FINISHED") -> None:
-        if not self.enabled or self._client is None or self.run_id is None:
+        if not self.enabled or not self._started:
             return
-        run_id, client = self.run_id, self._client
-        if self._monitor is not None:
-            self._monitor.finish()
-            self._monitor = None
-        _retry(lambda: client.set_terminated(run_id, status), f"mark run {run_id} {status}")
+        self._started = False
+        self.outbox.record("end", status=status, ts=now_ms())
+        if not self.outbox.offline:
+            if self._monitor is not None:
+                self._monitor.finish()
+                self._monitor = None
+            run_id, client = self.run_id, self._client
+            self.outbox.send(lambda: client.set_terminated(run_id, status), f"mark run {run_id} {status}")
+        self.run_id = self.outbox.flush() or self.run_id
         self._client = None
 
     def _end_quietly(self, status: str) -> None:
@@ -304,7 +535,7 @@ class Tracker:
         try:
             self.end(status)
         except Exception as exc:  # noqa: BLE001 - the original error matters more
-            logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", self.run_id, status, exc)
+            log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, redact(str(exc)))
 
     # -- logging
 
@@ -317,7 +548,8 @@ class Tracker:
         new = _params_to_log(self._params, flat, self.run_id)
         for batch in _chunks(list(new.items()), PARAMS_PER_BATCH):
             params = [Param(k, v) for k, v in batch]
-            _retry(lambda: self._client.log_batch(self.run_id, params=params), "log params")
+            self.outbox.record("params", params=dict(batch))
+            self.outbox.send(lambda: self._client.log_batch(self.run_id, params=params), "log params")
             self._params.update(batch)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
@@ -326,30 +558,28 @@ class Tracker:
             return
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        entries = [Metric(_key(k), float(v), now, int(step)) for k, v in metrics.items() if v is not None]
+        now = now_ms()
+        values = {_key(k): float(v) for k, v in metrics.items() if v is not None}
+        self.outbox.record("metrics", step=int(step), ts=now, metrics=values)
+        entries = [Metric(k, v, now, int(step)) for k, v in values.items()]
         for batch in _chunks(entries, METRICS_PER_BATCH):
-            _retry(lambda: self._client.log_batch(self.run_id, metrics=batch), f"log metrics at step {step}")
+            self.outbox.send(lambda: self._client.log_batch(self.run_id, metrics=batch), f"log metrics at step {step}")
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self._active():
             return
-        from mlflow.entities import RunTag
-
-        entries = [RunTag(_key(k), _truncate(v, MAX_TAG_VALUE)) for k, v in tags.items()]
-        for batch in _chunks(entries, PARAMS_PER_BATCH):
-            _retry(lambda: self._client.log_batch(self.run_id, tags=batch), "set tags")
+        values = {_key(k): _truncate(v, MAX_TAG_VALUE) for k, v in tags.items()}
+        self.outbox.record("tags", tags=values)
+        for batch in _chunks(list(values.items()), PARAMS_PER_BATCH):
+            self.outbox.send(lambda: self._client.log_batch(self.run_id, tags=_run_tags(dict(batch))), "set tags")
 
     def log_dataset(self, name: str, source: str, digest: str, context: str) -> None:
         """Record a data set the job read (MLflow's Datasets column); `context` is training or evaluation."""
         if not self._active():
             return
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
-        source_type = "http" if "://" in source else "local"
-        entry = DatasetInput(Dataset(name, digest, source_type, json.dumps({"uri": source})),
-                             [InputTag("mlflow.data.context", context)])
-        _retry(lambda: self._client.log_inputs(self.run_id, datasets=[entry]), f"log dataset {name}")
+        self.outbox.record("dataset", name=name, source=source, digest=digest, context=context)
+        entry = _dataset_input(name, source, digest, context)
+        self.outbox.send(lambda: self._client.log_inputs(self.run_id, datasets=[entry]), f"log dataset {name}")
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Copy a file (or directory) into the run's artifact store."""
@@ -358,13 +588,13 @@ class Tracker:
         local = Path(path)
         if not local.exists():
             raise NernError(f"cannot log artifact {local}: it does not exist; run the stage that writes it")
-        log = self._client.log_artifacts if local.is_dir() else self._client.log_artifact
-        _retry(lambda: log(self.run_id, str(local), artifact_path), f"log artifact {local}")
+        self.outbox.record("artifact", path=_journal_path(local, self.outbox.journal), artifact_path=artifact_path)
+        self.outbox.send(lambda: _upload(self._client, self.run_id, local, artifact_path), f"log artifact {local}")
 
     def _active(self) -> bool:
         if not self.enabled:
             return False
-        if self._client is None or self.run_id is None:
+        if not self._started:
             raise RuntimeError("Tracker used outside its `with` block (call start() first)")
         return True
 
@@ -382,6 +612,54 @@ def _params_to_log(logged: Mapping[str, str], flat: Mapping[str, Any], run_id: s
             raise NernError(f"MLflow run {run_id} already has param {key}={old!r}, not {value!r}; "
                             "resume with the original config or start a new run")
     return new
+
+
+def _open_run(tr: Tracker) -> None:
+    """Open the store, the parent run and the job's run (found again, or created) of a starting Tracker."""
+    tr._client, tr._experiment_id = _open_store(tr.uri, tr.experiment)
+    if tr.parent:
+        tr.tags[PARENT_ID_TAG] = parent_run(tr._client, tr._experiment_id, tr.parent, tr.uri, tr.results_dir)
+    if not tr.resumed and tr.resume_key:
+        tr.run_id = find_job_run(tr._client, tr._experiment_id, tr.resume_key, tr.digest)
+        tr.resumed = tr.run_id is not None
+    if tr.resumed:
+        tr._params = _reopen_run(tr._client, tr.run_id, tr.uri)
+        tags = _run_tags({_key(k): _truncate(v, MAX_TAG_VALUE) for k, v in tr.tags.items()})
+        _retry(lambda: tr._client.log_batch(tr.run_id, tags=tags), "set tags")
+    else:
+        tr.run_id = _create_run(tr._client, tr._experiment_id, tr.run_name, tr.tags,
+                                twins=_job_twins(tr.resume_key, tr.digest))
+    tr._monitor = _start_system_metrics(tr.run_id, tr.uri) if tr.system_metrics else None
+
+
+def _run_tags(tags: Mapping[str, str]) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, v) for k, v in tags.items()]
+
+
+def _dataset_input(name: str, source: str, digest: str, context: str) -> Any:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source_type = "http" if "://" in source else "local"
+    return DatasetInput(Dataset(name, digest, source_type, json.dumps({"uri": source})),
+                        [InputTag("mlflow.data.context", context)])
+
+
+def _upload(client: Any, run_id: str, local: Path, artifact_path: str | None) -> None:
+    if local.is_dir():
+        client.log_artifacts(run_id, str(local), artifact_path)
+    else:
+        client.log_artifact(run_id, str(local), artifact_path)
+
+
+def _journal_path(local: Path, journal: Journal | None) -> str:
+    """An output file as the journal names it: relative to the journal's directory when inside it, so a
+    results tree that was moved or copied still finds its files."""
+    if journal is not None:
+        with contextlib.suppress(ValueError):
+            return str(local.resolve().relative_to(journal.path.parent.resolve()))
+    return str(local.resolve())
 
 
 # ------------------------------------------------------------------------------------------ store calls
@@ -407,23 +685,34 @@ def find_job_run(client: Any, experiment_id: str, key: str, digest: str | None) 
     return None
 
 
-def parent_run(client: Any, experiment_id: str, name: str, uri: str) -> str:
+def _quoted_filter(tag: str, value: str) -> str | None:
+    """`tags.<tag> = <value>` in whichever quotes MLflow's filter can take; None when it can take neither."""
+    return next((f"tags.`{tag}` = {q}{value}{q}" for q in "'\"" if q not in value), None)
+
+
+def parent_run(client: Any, experiment_id: str, name: str, uri: str,
+               results_dir: str | os.PathLike | None = None) -> str:
     """The id of the parent run called `name`, created (FINISHED: it only groups) by the first job asking.
-    Creation is serialised with the store's init lock, so parallel jobs agree on one parent; where no lock
-    exists (a server), the oldest of any duplicates wins every later lookup."""
-    query = f"tags.`{PARENT_TAG}` = '{name}'" if "'" not in name else f'tags.`{PARENT_TAG}` = "{name}"'
+    Creation is serialised with a file lock (`_parent_lock`), so parallel jobs agree on one parent; where no
+    lock exists, the oldest of any duplicates wins every later lookup."""
+    query = _quoted_filter(PARENT_TAG, name) or f"tags.`{PARENT_TAG}` = '{name}'"
 
     def oldest() -> str | None:
         runs = _retry(lambda: client.search_runs([experiment_id], filter_string=query,
-                                                 order_by=["attributes.start_time ASC"], max_results=1),
+                                                 order_by=["attributes.start_time ASC", "attributes.run_id ASC"],
+                                                 max_results=1),
                       f"look for the parent run {name}")
         return runs[0].info.run_id if runs else None
 
-    with _store_init_lock(uri):
+    found = oldest()  # outside the lock: while the store is away, waiting jobs do not queue on it
+    if found is not None:
+        return found
+    with _file_lock(_parent_lock(uri, results_dir)):
         found = oldest()
         if found is not None:
             return found
-        run_id = _create_run(client, experiment_id, name, {PARENT_TAG: name, "nern.stage": "pipeline"})
+        run_id = _create_run(client, experiment_id, name, {PARENT_TAG: name, "nern.stage": "pipeline"},
+                             twins=query)
         _retry(lambda: client.set_terminated(run_id, "FINISHED"), f"close the parent run {name}")
     return oldest() or run_id
 
@@ -437,10 +726,18 @@ def _start_system_metrics(run_id: str, uri: str) -> Any:
     return monitor
 
 
+def _job_twins(key: str | None, digest: str | None) -> str | None:
+    """The filter that finds the runs of one job (its key and digest), for `_create_run`'s twin check."""
+    if not key or not digest:
+        return None
+    by_key, by_digest = _quoted_filter(RESUME_TAG, key), _quoted_filter(CONFIG_TAG, digest)
+    return f"{by_key} and {by_digest}" if by_key and by_digest else None
+
+
 def _runs_of_job(client: Any, experiment_id: str, key: str, digest: str | None) -> list[Any]:
     """Runs tagged with the job key, newest first (filtered on whichever tag MLflow's filter can quote)."""
-    query = next((f"tags.`{tag}` = {quote}{value}{quote}" for tag, value in ((RESUME_TAG, key), (CONFIG_TAG, digest))
-                  if value for quote in "'\"" if quote not in value), None)
+    query = next((f for f in (_quoted_filter(RESUME_TAG, key), digest and _quoted_filter(CONFIG_TAG, digest)) if f),
+                 None)
     if query is None:
         return []
     runs = _retry(lambda: client.search_runs([experiment_id], filter_string=query,
@@ -457,7 +754,7 @@ def _open_store(uri: str, experiment: str) -> tuple[Any, str]:
         raise NernError("mlflow is not installed; `pip install mlflow` or set the tracking URI to none") from exc
     _quiet_lock_logs()
     with _store_init_lock(uri):
-        client = _retry(lambda: MlflowClient(tracking_uri=uri), f"open MLflow store {uri}")
+        client = _retry(lambda: MlflowClient(tracking_uri=uri), f"open MLflow store {redact(uri)}")
         experiment_id = _retry(lambda: _experiment_id(client, experiment, uri), "open the experiment")
     return client, experiment_id
 
@@ -486,10 +783,24 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     return (db.parent / ARTIFACTS_DIR / _slug(experiment)).as_uri()
 
 
-def _create_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
+def _create_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str],
+                start_ms: int | None = None, twins: str | None = None) -> str:
+    """Create a run; with `twins` (a filter matching the runs of the same job), delete the copies that a
+    re-sent create request left: MLflow's HTTP client retries a POST whose answer was lost, and the server
+    may have committed the first one. A twin has the same job tags and the same client-side start time."""
     tags = {"mlflow.user": _user(), **tags}
-    run = _retry(lambda: client.create_run(experiment_id, run_name=run_name, tags=tags), f"create run {run_name}")
-    return run.info.run_id
+    start_ms = start_ms or now_ms()
+    run = _retry(lambda: client.create_run(experiment_id, start_time=start_ms, tags=tags, run_name=run_name),
+                 f"create run {run_name}")
+    run_id = run.info.run_id
+    if twins:
+        query = f"{twins} and attributes.start_time = {start_ms}"
+        found = _retry(lambda: client.search_runs([experiment_id], filter_string=query, max_results=100),
+                       f"look for twins of run {run_name}")
+        for twin in (r.info.run_id for r in found if r.info.run_id != run_id):
+            _retry(lambda: client.delete_run(twin), f"delete the twin run {twin}")
+            log.warning("deleted run %s, a twin of %s left by a re-sent create request", twin, run_id)
+    return run_id
 
 
 def _reopen_run(client: Any, run_id: str, uri: str) -> dict[str, str]:
@@ -500,7 +811,7 @@ def _reopen_run(client: Any, run_id: str, uri: str) -> dict[str, str]:
         run = _retry(lambda: client.get_run(run_id), f"find run {run_id}")
     except MlflowException as exc:
         raise NernError(
-            f"MLflow run {run_id} is not in {uri}; use the store the run was started with "
+            f"MLflow run {run_id} is not in {redact(uri)}; use the store the run was started with "
             "or drop the run id to start a new run"
         ) from exc
     _retry(lambda: client.update_run(run_id, status="RUNNING"), f"reopen run {run_id}")
@@ -512,3 +823,159 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+# ------------------------------------------------------------------------------------------ replay and sync
+
+
+@dataclass
+class Replayed:
+    """What replaying one job's journal did to the store."""
+
+    journal: Path
+    run_id: str
+    created: bool
+    status: str | None  # the status the run ended with; None: the journal has no end (the job never ended)
+    sent: dict[str, int] = field(default_factory=dict)  # params, tags, metrics, datasets, artifacts
+
+
+def replay_journal(path: str | os.PathLike, uri: str, stores: dict[str, tuple[Any, str]] | None = None
+                   ) -> Replayed | None:
+    """Make the store hold everything the job's journal holds, sending only what it lacks: its run (found by
+    the job's output directory and config digest, else created under its parent), params, tags, metric points
+    (one per key and step), dataset inputs, artifacts (by name and size) and final status. Idempotent: a
+    second replay sends nothing. None for a journal without a start. `stores` caches opened experiments."""
+    records = Journal(path).records()
+    start = next((r for r in reversed(records) if r["op"] == "start"), None)
+    if start is None:
+        return None
+    experiment = start["experiment"]
+    stores = {} if stores is None else stores
+    if experiment not in stores:
+        stores[experiment] = _open_store(uri, experiment)
+    client, experiment_id = stores[experiment]
+    tags = dict(start.get("tags") or {})
+    if start.get("parent"):
+        tags[PARENT_ID_TAG] = parent_run(client, experiment_id, start["parent"], uri)
+    run_id, created = _replay_target(client, experiment_id, start, tags, records)
+    run = _retry(lambda: client.get_run(run_id), f"read run {run_id}")
+    sent = {"params": _replay_params(client, run, records), "tags": _replay_tags(client, run, tags, records),
+            "metrics": _replay_metrics(client, run, records), "datasets": _replay_datasets(client, run, records),
+            "artifacts": _replay_artifacts(client, run, records, Path(path).parent)}
+    status = _replay_end(client, run, records)
+    return Replayed(Path(path), run_id, created, status, sent)
+
+
+def _replay_target(client: Any, experiment_id: str, start: dict[str, Any], tags: dict[str, str],
+                   records: list[dict[str, Any]]) -> tuple[str, bool]:
+    """The job's run in this store (the newest with its key and digest, whatever its status), else a new one
+    started when the job started."""
+    key, digest = start.get("key"), start.get("digest")
+    if key:
+        runs = _runs_of_job(client, experiment_id, key, digest)
+        same = next((r for r in runs if r.data.tags.get(CONFIG_TAG) == digest), None)
+        if same is not None:
+            return same.info.run_id, False
+    first = next(r for r in records if r["op"] == "start")
+    run_id = _create_run(client, experiment_id, start["run_name"], tags, start_ms=first.get("ts"),
+                         twins=_job_twins(key, digest))
+    return run_id, True
+
+
+def _replay_params(client: Any, run: Any, records: list[dict[str, Any]]) -> int:
+    """Params the run lacks (the first value logged wins; a key the run has keeps its value)."""
+    from mlflow.entities import Param
+
+    wanted: dict[str, str] = {}
+    for record in iter_ops(records, "params"):
+        for key, value in record["params"].items():
+            wanted.setdefault(key, value)
+    new = [Param(k, v) for k, v in wanted.items() if k not in run.data.params]
+    for batch in _chunks(new, PARAMS_PER_BATCH):
+        _retry(lambda: client.log_batch(run.info.run_id, params=batch), "replay params")
+    return len(new)
+
+
+def _replay_tags(client: Any, run: Any, tags: dict[str, str], records: list[dict[str, Any]]) -> int:
+    wanted = dict(tags)
+    for record in iter_ops(records, "tags"):
+        wanted.update(record["tags"])
+    new = {k: v for k, v in wanted.items() if run.data.tags.get(k) != v}
+    for batch in _chunks(list(new.items()), PARAMS_PER_BATCH):
+        _retry(lambda: client.log_batch(run.info.run_id, tags=_run_tags(dict(batch))), "replay tags")
+    return len(new)
+
+
+def _replay_metrics(client: Any, run: Any, records: list[dict[str, Any]]) -> int:
+    """Metric points the run lacks, one per (key, step): a point the job logged again after a resume is the
+    same point."""
+    from mlflow.entities import Metric
+
+    points: dict[tuple[str, int], tuple[float, int]] = {}
+    for record in iter_ops(records, "metrics"):
+        for key, value in record["metrics"].items():
+            points.setdefault((key, int(record["step"])), (float(value), int(record["ts"])))
+    have: set[tuple[str, int]] = set()
+    for key in sorted({k for k, _ in points} & set(run.data.metrics)):
+        history = _retry(lambda: client.get_metric_history(run.info.run_id, key), f"read metric {key}")
+        have |= {(key, m.step) for m in history}
+    new = [Metric(k, v, ts, step) for (k, step), (v, ts) in points.items() if (k, step) not in have]
+    for batch in _chunks(new, METRICS_PER_BATCH):
+        _retry(lambda: client.log_batch(run.info.run_id, metrics=batch), "replay metrics")
+    return len(new)
+
+
+def _replay_datasets(client: Any, run: Any, records: list[dict[str, Any]]) -> int:
+    have = {(d.dataset.name, d.dataset.digest, {t.key: t.value for t in d.tags}.get("mlflow.data.context"))
+            for d in (run.inputs.dataset_inputs if run.inputs else [])}
+    sent = 0
+    for record in iter_ops(records, "dataset"):
+        ident = (record["name"], record["digest"], record["context"])
+        if ident in have:
+            continue
+        entry = _dataset_input(record["name"], record["source"], record["digest"], record["context"])
+        _retry(lambda: client.log_inputs(run.info.run_id, datasets=[entry]), f"replay dataset {record['name']}")
+        have.add(ident)
+        sent += 1
+    return sent
+
+
+def _replay_artifacts(client: Any, run: Any, records: list[dict[str, Any]], base: Path) -> int:
+    """Output files the run's artifact store lacks (or holds at another size); a file gone from disk is
+    skipped with a warning: the journal cannot bring it back."""
+    wanted = {(r["path"], r.get("artifact_path")): None for r in iter_ops(records, "artifact")}
+    sent = 0
+    for name, artifact_path in wanted:
+        local = base / name
+        if not local.exists():
+            log.warning("%s is gone; not logged to run %s", local, run.info.run_id)
+            continue
+        listed = _retry(lambda: client.list_artifacts(run.info.run_id, artifact_path), "list artifacts")
+        sizes = {Path(a.path).name: a.file_size for a in listed}
+        if local.is_file() and sizes.get(local.name) == local.stat().st_size:
+            continue
+        _retry(lambda: _upload(client, run.info.run_id, local, artifact_path), f"replay artifact {local}")
+        sent += 1
+    return sent
+
+
+def _replay_end(client: Any, run: Any, records: list[dict[str, Any]]) -> str | None:
+    """The final status, when the job's last attempt ended (its `end` comes after its last `start`)."""
+    last = next((r for r in reversed(records) if r["op"] in ("start", "end")), None)
+    if last is None or last["op"] != "end":
+        return None
+    status = last["status"]
+    if run.info.status != status:
+        _retry(lambda: client.set_terminated(run.info.run_id, status, end_time=last.get("ts")),
+               f"mark run {run.info.run_id} {status}")
+    return status
+
+
+def sync_results(results_dir: str | os.PathLike, uri: str) -> list[Replayed]:
+    """Replay every job journal below `results_dir` into the store at `uri` (`nern track sync`)."""
+    journals = find_journals(results_dir)
+    if not journals:
+        raise NernError(f"no {JOURNAL_NAME} below {results_dir}; point nern track sync at a results directory "
+                        "written by tracked jobs (tracking on)")
+    stores: dict[str, tuple[Any, str]] = {}
+    return [done for path in journals if (done := replay_journal(path, uri, stores)) is not None]

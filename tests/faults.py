@@ -2,7 +2,8 @@
 
 At the end of the session it prints ONE line:
 
-    fault-injection: kills survived 7, bad inputs tried 24, concurrent runs logged 8, runs lost 0
+    fault-injection: kills survived 7, server restarts survived 3, bad inputs tried 24, concurrent runs logged 8,
+    runs lost 0
 
 - kills survived: SIGKILL/SIGTERM interruptions of a real `nern fit`/`nern pretrain` process (or, in the chaos
   run of tests/test_chaos.py, of any job of the tiny workflow) whose restarts then completed with the
@@ -12,6 +13,9 @@ At the end of the session it prints ONE line:
       ...; run.killed("SIGKILL")   # after each interruption
       run.completed()              # once the restarted run finished and was verified
 
+- server restarts survived: restarts of a SIGKILLed MLflow tracking server after which the pipeline (or the
+  concurrent writers) ended with every run in the store (tests/test_mlflow_server.py), through
+  `record_server_restarts(n)`, called once the test has verified everything;
 - bad inputs tried: passed tests named `test_bad_input[...]` or `test_disk_full...` (tests/test_cli.py);
 - concurrent runs logged: FINISHED MLflow runs the concurrent-logging test left in its store
   (tests/test_tracking.py::test_eight_processes_share_one_fresh_sqlite_store), or the value a test records
@@ -59,6 +63,7 @@ class RunChain:
 class Ledger:
     chains: list[RunChain] = field(default_factory=list)
     bad_inputs: int = 0
+    server_restarts: int = 0
     concurrent_logged: int = 0
     concurrent_lost: int = 0
     fault_tests_run: int = 0
@@ -73,7 +78,8 @@ class Ledger:
         return sum(1 for c in self.chains if not c.done) + self.concurrent_lost
 
     def line(self) -> str:
-        return (f"fault-injection: kills survived {self.kills_survived}, bad inputs tried {self.bad_inputs}, "
+        return (f"fault-injection: kills survived {self.kills_survived}, server restarts survived "
+                f"{self.server_restarts}, bad inputs tried {self.bad_inputs}, "
                 f"concurrent runs logged {self.concurrent_logged}, runs lost {self.runs_lost}")
 
 
@@ -86,6 +92,11 @@ def chain(name: str) -> RunChain:
     run = RunChain(name, nodeid)
     LEDGER.chains.append(run)
     return run
+
+
+def record_server_restarts(restarts: int) -> None:
+    """For the tests that restart a killed tracking server: call once everything is verified."""
+    LEDGER.server_restarts += restarts
 
 
 def record_concurrent(logged: int, expected: int) -> None:
