@@ -1,4 +1,4 @@
-"""Meta-compression of a fitted NeRN (METHOD.md 9), measured in bytes on disk against codecs on the original.
+"""Meta-compression of a fitted NeRN (docs/METHOD.md §9), measured in bytes on disk against codecs on the original.
 
 The paper prunes the predictor and reports parameter counts. A parameter count hides what a file needs besides
 the predictor (permutations, per-layer scales, BatchNorm, the FC layer, unrepresented convs) and what a

@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses, filled from YAML plus `a.b=value` overrides, validated at the boundary.
 
 A typo or a value out of range fails before any work starts, with the dotted key and the allowed values in
-the message. Defaults are the paper's ResNet20/CIFAR-10 settings (METHOD.md); presets live in YAML files.
+the message. Defaults are the paper's ResNet20/CIFAR-10 settings (docs/METHOD.md); presets live in YAML files.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SAMPLING_METHODS = (
     "random_weighted_batch",
 )
 PermutationMode = Literal["none", "infilter", "crossfilter"]
-# The one list of coordinate-permutation modes (METHOD.md 6): the CLI, the tables, the workflow and
+# The one list of coordinate-permutation modes (docs/METHOD.md §6): the CLI, the tables, the workflow and
 # nern.permutation take it from here (this module imports no torch, so the Snakefile can read it cheaply).
 PERMUTATIONS: tuple[str, ...] = get_args(PermutationMode)
 # Permutations of the network itself (nern.symmetry): the fit sees a permuted, equivalent network and identity
@@ -77,7 +77,7 @@ class DataConfig:
 
 @dataclass
 class RepresentConfig:
-    """Which conv layers the predictor represents (METHOD.md 1); the rest is copied verbatim."""
+    """Which conv layers the predictor represents (docs/METHOD.md §1); the rest is copied verbatim."""
 
     max_kernel: int = 3
     include: list[str] = field(default_factory=list)
@@ -87,7 +87,7 @@ class RepresentConfig:
 
 @dataclass
 class EmbeddingConfig:
-    """Positional embedding (METHOD.md 2): b = 0.76 is the smooth variant, 1.25 the non-smooth one."""
+    """Positional embedding (docs/METHOD.md §2): b = 0.76 is the smooth variant, 1.25 the non-smooth one."""
 
     levels: int = 40
     base: float = 0.76
@@ -95,7 +95,7 @@ class EmbeddingConfig:
 
 @dataclass
 class PredictorConfig:
-    """Plain MLP (METHOD.md 3): `depth` linear layers of width `hidden`, 9 outputs."""
+    """Plain MLP (docs/METHOD.md §3): `depth` linear layers of width `hidden`, 9 outputs."""
 
     hidden: int = 180
     depth: int = 5
@@ -126,7 +126,7 @@ class LossConfig:
 
 @dataclass
 class SamplingConfig:
-    """Which predicted kernels carry gradient each iteration (METHOD.md 5)."""
+    """Which predicted kernels carry gradient each iteration (docs/METHOD.md §5)."""
 
     method: Literal[
         "all",
@@ -142,7 +142,7 @@ class SamplingConfig:
 
 @dataclass
 class OptimConfig:
-    """Ranger with a per-iteration cosine schedule (METHOD.md 7)."""
+    """Ranger with a per-iteration cosine schedule (docs/METHOD.md §7)."""
 
     name: Literal["ranger", "adam"] = "ranger"
     lr: float = 5e-3
@@ -200,7 +200,7 @@ class FitConfig:
 
 @dataclass
 class PretrainConfig:
-    """Training the ORIGINAL network (METHOD.md 6-7): standard CIFAR recipe plus the smoothness regulariser."""
+    """Training the ORIGINAL network (docs/METHOD.md §6-7): standard CIFAR recipe plus the smoothness regulariser."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=128))

@@ -8,7 +8,7 @@ with the stream's own generator, whose state is saved with the position. ImageNe
 and is streamed from disk by `StreamingBatches` (same interface).
 
 Normalisation: by default CIFAR and RGB ImageFolders use the ImageNet statistics, as NeRN and the public
-CIFAR weights do (METHOD.md 7); grey data (MNIST, Fashion-MNIST) uses mean 0.5, std 0.5, which maps [0, 1]
+CIFAR weights do (docs/METHOD.md §7); grey data (MNIST, Fashion-MNIST) uses mean 0.5, std 0.5, which maps [0, 1]
 to [-1, 1]. `data.mean`, `data.std` and `data.input_range` replace them with what another network expects
 (raw 0..255 pixels, 0..1, other statistics). Data-free noise keeps its meaning, U[-2, 2] in the data set's
 standard normalised space, and is mapped into the network's input space like an image would be.

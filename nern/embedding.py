@@ -1,4 +1,4 @@
-"""Positional embedding of kernel coordinates (METHOD.md 2).
+"""Positional embedding of kernel coordinates (docs/METHOD.md §2).
 
 For each of the three RAW INTEGER indices p = (layer, filter, channel) and levels k = 0..L-1:
 sin(pi * b^k * p), cos(pi * b^k * p), laid out index-major with sin/cos interleaved per level. With

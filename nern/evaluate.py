@@ -1,4 +1,4 @@
-"""Accuracies, per-layer reconstruction errors and sizes in bytes (METHOD.md 8).
+"""Accuracies, per-layer reconstruction errors and sizes in bytes (docs/METHOD.md §8).
 
 Size accounting follows the paper (predictor parameters x 4 bytes against represented conv weights x 4
 bytes) and shows what the paper leaves out separately: the stored permutations and per-layer scales.

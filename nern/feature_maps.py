@@ -2,7 +2,7 @@
 
 Rule (generic, documented in the README): the distilled maps are the network's PRE-ACTIVATION maps:
 every normalisation layer's output, plus every tensor that enters an activation module and is not
-already such an output. In a ResNet block this gives exactly the paper's set (METHOD.md 4):
+already such an output. In a ResNet block this gives exactly the paper's set (docs/METHOD.md §4):
 bn1(conv1), bn2(conv2) and the residual sum before its ReLU; plus the stem BN output -> 28 maps for
 ResNet20. Normalisation layers whose path matches `exclude` (default: shortcut/downsample branches, which
 the paper does not distil) are skipped. A network without normalisation (conv biases, max-pooling) gets

@@ -1,4 +1,4 @@
-"""Weight importance from NeRN's reconstruction error (METHOD.md 9).
+"""Weight importance from NeRN's reconstruction error (docs/METHOD.md §9).
 
 The paper observes that NeRN reconstructs first the weights that matter most to the network's function, so
 a kernel it reconstructs well is important and one it reconstructs badly is not. Direction used here: LOW

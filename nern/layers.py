@@ -1,4 +1,4 @@
-"""Which conv layers the predictor represents, discovered from the module itself (METHOD.md 1).
+"""Which conv layers the predictor represents, discovered from the module itself (docs/METHOD.md §1).
 
 Default: every `nn.Conv2d` with a square kernel of at most `max_kernel`, in registration order (for CIFAR
 ResNets with option-B shortcuts that puts the projection conv right after its block's `conv2`, as in the

@@ -2,7 +2,7 @@
 
 CIFAR ResNets (He et al. 2016, 6n+2 layers) follow the layout of the public `akamaster` weights so those
 files load by name; option A is their parameter-free zero-pad shortcut, option B the 1x1 projection that
-adds one represented conv per downsampling block (METHOD.md 1). ResNet18 is torchvision's, unchanged.
+adds one represented conv per downsampling block (docs/METHOD.md §1). ResNet18 is torchvision's, unchanged.
 
 Every activation is an `nn.ReLU` module and each block ends in its own ReLU after the residual sum, so
 `nern.feature_maps` can hook every feature map the distillation loss needs without knowing the class.

@@ -1,4 +1,4 @@
-"""The predictor (METHOD.md 3): a plain MLP from a coordinate embedding to one kernel.
+"""The predictor (docs/METHOD.md §3): a plain MLP from a coordinate embedding to one kernel.
 
 Linear(6L -> h), ReLU, (depth - 2) x [Linear(h -> h), ReLU], Linear(h -> k*k); no residuals, no
 normalisation, no output activation. With L = 40 and depth 5 it has 3h^2 + 253h + 9 parameters.

@@ -1,4 +1,4 @@
-"""Training the ORIGINAL network: the standard CIFAR recipe plus the smoothness regulariser (METHOD.md 6).
+"""Training the ORIGINAL network: the standard CIFAR recipe plus the smoothness regulariser (docs/METHOD.md §6).
 
 SGD (momentum 0.9, lr 0.1, wd 1e-4), batch 128, step decay at epochs 100/150, crop + flip: every number
 is a config key. `smoothness > 0` adds the regulariser on the layers NeRN will represent. With

@@ -1,4 +1,4 @@
-"""Which predicted kernels carry gradient each iteration (METHOD.md 5).
+"""Which predicted kernels carry gradient each iteration (docs/METHOD.md §5).
 
 Every iteration predicts all kernels (the full reconstructed network runs forward); the sampler picks the
 rows through which the loss gradient reaches the predictor. `random_weighted_batch` ("magnitude

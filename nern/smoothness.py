@@ -1,4 +1,4 @@
-"""The smoothness regulariser for training the ORIGINAL network (METHOD.md 6).
+"""The smoothness regulariser for training the ORIGINAL network (docs/METHOD.md §6).
 
 loss = CE - factor * (sum of cosine similarities between flattened kernels adjacent along the input-channel
 axis and along the output-channel axis, over represented k>1 layers) + factor * (mean squared difference

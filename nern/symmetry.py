@@ -1,5 +1,5 @@
 """Weight-space symmetries: permute the ORIGINAL network's channels so its kernel grids are smoother, for free
-(METHOD.md 12).
+(docs/METHOD.md §12).
 
 Permuting a conv's output channels, the per-channel tensors that follow it (BatchNorm's four vectors) and the
 input channels of every layer that reads them leaves the network's function unchanged. A NeRN fitted to the
