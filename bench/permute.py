@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nern import chain as C  # noqa: E402
 from nern import permutation as P  # noqa: E402
 
 PRETRAINED = Path("/work/shared/data/pretrained")
@@ -116,7 +117,7 @@ def conv3x3_weights(path: Path) -> list[torch.Tensor] | None:
 def network_runs(before: ModuleType | None) -> dict[str, Any]:
     runs = {
         "infilter": P.infilter_permutation,
-        "crossfilter_fast": lambda w: position_of(P.fast_chain(flat(w))),
+        "crossfilter_fast": lambda w: position_of(C.fast_chain(flat(w))),
         "crossfilter_greedy": lambda w: P.crossfilter_permutation(w, method="greedy"),
         "crossfilter_auto": lambda w: P.crossfilter_permutation(w, method="auto"),
     }
@@ -161,10 +162,10 @@ def lkh_ceiling(name: str, weights: list[torch.Tensor], per_layer: dict[str, lis
     rows, lkh_quality, total = [], [], 0.0
     for i in picked:
         kernels = flat(weights[i])
-        chain, took = timed(P.lkh_chain, kernels, seconds)
+        chain, took = timed(C.lkh_chain, kernels, seconds)
         assert sorted(chain.tolist()) == list(range(kernels.shape[0]))
         total += took
-        lkh_quality.append(P.chain_quality(kernels, chain))
+        lkh_quality.append(C.chain_quality(kernels, chain))
         rows.append({"layer": i, "kernels": kernels.shape[0], "seconds": round(took, 2),
                      "lkh": lkh_quality[-1], **{run: q[i] for run, q in per_layer.items()}})
         print(f"[{name}] lkh layer {i:2d} ({kernels.shape[0]:5d} kernels) {took:7.1f} s   quality "
@@ -183,10 +184,10 @@ def lkh_ceiling(name: str, weights: list[torch.Tensor], per_layer: dict[str, lis
 def greedy_with_limit(kernels: torch.Tensor, limit: float) -> dict[str, Any]:
     """The exact greedy, stopped at `limit` seconds and then extrapolated by the work left (labelled)."""
     n = kernels.shape[0]
-    chain, seconds = timed(P.greedy_chain, kernels, time_limit_s=limit)
+    chain, seconds = timed(C.greedy_chain, kernels, time_limit_s=limit)
     done = chain.numel()
     if done == n:
-        return {"seconds": round(seconds, 3), "quality": P.chain_quality(kernels, chain), "extrapolated": False}
+        return {"seconds": round(seconds, 3), "quality": C.chain_quality(kernels, chain), "extrapolated": False}
     # each step's matvec runs over the still-unvisited kernels: time ~ sum over steps of (n - t)
     work_done = done * n - done * (done - 1) / 2
     work_all = n * (n + 1) / 2
@@ -196,7 +197,7 @@ def greedy_with_limit(kernels: torch.Tensor, limit: float) -> dict[str, Any]:
         "basis": f"stopped after {seconds:.0f} s at step {done} of {n}; time per step taken proportional to "
                  "the kernels still unvisited",
         "quality": None,
-        "quality_of_partial_chain": P.chain_quality(kernels, chain),
+        "quality_of_partial_chain": C.chain_quality(kernels, chain),
     }
 
 
@@ -204,10 +205,10 @@ def bench_large_layer(side: int, seed: int, limit: float, before: ModuleType | N
     weight = torch.randn(side, side, 3, 3, generator=torch.Generator().manual_seed(seed))
     kernels = flat(weight)
     out: dict[str, Any] = {"shape": [side, side, 3, 3], "weights": f"Gaussian, torch seed {seed}",
-                           "identity_quality": P.chain_quality(kernels, torch.arange(side * side))}
+                           "identity_quality": C.chain_quality(kernels, torch.arange(side * side))}
     tag = f"[layer {side}x{side}]"
     print(f"{tag} {side * side} kernels")
-    chains = {"fast": P.fast_chain} if before is None else {"fast_before": before.fast_chain, "fast": P.fast_chain}
+    chains = {"fast": C.fast_chain} if before is None else {"fast_before": before.fast_chain, "fast": C.fast_chain}
     found: dict[str, list[tuple[torch.Tensor, float]]] = {run: [] for run in chains}
     for _ in range(2):  # alternated, the faster of two: the machine's load drifts within minutes
         for run, fn in chains.items():
@@ -215,7 +216,7 @@ def bench_large_layer(side: int, seed: int, limit: float, before: ModuleType | N
     for run, ((chain, first), (again, second)) in found.items():
         assert sorted(chain.tolist()) == list(range(side * side))
         out[run] = {"seconds": round(min(first, second), 3), "both_seconds": [round(first, 2), round(second, 2)],
-                    "quality": P.chain_quality(kernels, chain), "deterministic": bool(torch.equal(chain, again))}
+                    "quality": C.chain_quality(kernels, chain), "deterministic": bool(torch.equal(chain, again))}
         print(f"{tag} {run:<12} {out[run]['seconds']:8.2f} s (runs {first:.1f}, {second:.1f})   "
               f"quality {out[run]['quality']:.5f}")
     if before is not None:
@@ -223,7 +224,7 @@ def bench_large_layer(side: int, seed: int, limit: float, before: ModuleType | N
         out["fast_minus_before_quality"] = out["fast"]["quality"] - out["fast_before"]["quality"]
     position, seconds = timed(P.infilter_permutation, weight)
     out["infilter"] = {"seconds": round(seconds, 3),
-                       "quality": P.chain_quality(kernels, P.chain_of_positions(position))}
+                       "quality": C.chain_quality(kernels, P.chain_of_positions(position))}
     print(f"{tag} infilter     {seconds:8.2f} s   quality {out['infilter']['quality']:.5f}")
     print(f"{tag} greedy (limit {limit:.0f} s) ...", flush=True)
     out["greedy"] = g = greedy_with_limit(kernels, limit)
@@ -233,20 +234,20 @@ def bench_large_layer(side: int, seed: int, limit: float, before: ModuleType | N
         out["fast_minus_greedy_quality"] = out["fast"]["quality"] - g["quality"]
         out["speedup"] = round(g["seconds"] / out["fast"]["seconds"], 1)
     out["lkh"] = {"skipped": f"{side * side} kernels: elkai takes the full distance matrix, at most "
-                             f"{P.LKH_MAX} kernels; see gaussian_64x64 for the Gaussian ceiling"}
+                             f"{C.LKH_MAX} kernels; see gaussian_64x64 for the Gaussian ceiling"}
     return out
 
 
 def bench_gaussian_ceiling(seed: int, lkh_seconds: float, before: ModuleType | None) -> dict[str, Any]:
     """Fast, greedy and LKH on a 64x64 Gaussian layer: how far below the ceiling the chains are."""
     kernels = flat(torch.randn(64, 64, 3, 3, generator=torch.Generator().manual_seed(seed)))
-    runs = {"fast": P.fast_chain, "greedy": P.greedy_chain, "lkh": lambda k: P.lkh_chain(k, lkh_seconds)}
+    runs = {"fast": C.fast_chain, "greedy": C.greedy_chain, "lkh": lambda k: C.lkh_chain(k, lkh_seconds)}
     if before is not None:
         runs["fast_before"] = before.fast_chain
     out: dict[str, Any] = {"shape": [64, 64, 3, 3], "weights": f"Gaussian, torch seed {seed}"}
     for run, fn in runs.items():
         chain, seconds = timed(fn, kernels)
-        out[run] = {"seconds": round(seconds, 3), "quality": P.chain_quality(kernels, chain)}
+        out[run] = {"seconds": round(seconds, 3), "quality": C.chain_quality(kernels, chain)}
         print(f"[gaussian 64x64] {run:<12} {seconds:8.2f} s   quality {out[run]['quality']:.5f}")
     return out
 
@@ -283,9 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     config = {"quick": args.quick, "side": args.side, "seed": args.seed, "before": args.before,
               "baseline_limit_seconds": args.baseline_limit_seconds, "lkh_seconds": args.lkh_seconds,
               "networks": {k: str(v) for k, v in NETWORKS.items()}, "resnet18_sweep": not args.skip_resnet18,
-              "fast": {"neighbours": P.NEIGHBOURS, "cell_size": P.CELL_SIZE, "probes": P.PROBES,
-                       "exact_neighbours_max": P.EXACT_NEIGHBOURS_MAX, "two_opt_rounds": P.TWO_OPT_ROUNDS,
-                       "or_opt_rounds": P.OR_OPT_ROUNDS, "auto_exact_max": P.AUTO_EXACT_MAX}}
+              "fast": {"neighbours": C.NEIGHBOURS, "cell_size": C.CELL_SIZE, "probes": C.PROBES,
+                       "exact_neighbours_max": C.EXACT_NEIGHBOURS_MAX, "two_opt_rounds": C.TWO_OPT_ROUNDS,
+                       "or_opt_rounds": C.OR_OPT_ROUNDS, "auto_exact_max": C.AUTO_EXACT_MAX}}
     print("config:", json.dumps(config))
     print("machine:", json.dumps(info))
     result: dict[str, Any] = {"bench": "permute", "config": config, "machine": info}

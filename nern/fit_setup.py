@@ -1,4 +1,4 @@
-"""What a fit is built from (docs/METHOD.md §1-§3): everything derived, not learned.
+"""What a fit is built from (docs/METHOD.md §1-3): everything derived, not learned.
 
 `prepare`: the represented layers of the original network, their coordinate permutations, the reconstruction
 targets and the kernel coordinates' positional embeddings (computed once), and the data splits. The parts a fit
@@ -41,7 +41,7 @@ class FitSetup:
 
 def prepare(cfg: FitConfig, model: nn.Module | None = None, permutation: str | list[torch.Tensor] | None = None,
             splits: Any = None) -> FitSetup:
-    """The represented layers, their targets and the kernel coordinates' embeddings (docs/METHOD.md §1-§2)."""
+    """The represented layers, their targets and the kernel coordinates' embeddings (docs/METHOD.md §1-2)."""
     from nern import models
 
     if model is None:

@@ -1,11 +1,11 @@
-"""NeRN, the paper's method (docs/METHOD.md §1-§7), top-down on one screen: `Method.step` is one iteration.
+"""NeRN, the paper's method (docs/METHOD.md §1-7), top-down on one screen: `Method.step` is one iteration.
 
-    kernel coordinates (layer, filter, channel), permuted -> positional embedding, once   §1-§2  (fit_setup.prepare)
-    embedding -> predictor (an MLP) -> one k x k kernel per coordinate                     §3
-    every kernel predicted; the gradient flows only through the sampled ones               §5
-    kernels -> the reconstructed network: the original module run with these conv weights
-    L = l_rec L_rec + l_kd L_KD + l_fmd L_FMD on a batch of task images (or noise)         §4     (losses.py)
-    -> a Ranger step, the learning rate on a cosine stepped every iteration                §7     (optim.py)
+    kernel coordinates (layer, filter, channel), permuted -> positional embedding, once   §1-2  fit_setup.prepare
+    embedding -> predictor (an MLP) -> one k x k kernel per coordinate                     §3    predictor.py
+    every kernel predicted; the gradient flows only through the sampled ones               §5    sampling.py
+    kernels -> the reconstructed network: the original module run with these conv weights       reconstruct.py
+    L = l_rec L_rec + l_kd L_KD + l_fmd L_FMD on a batch of task images (or noise)         §4    losses.py
+    -> a Ranger step, the learning rate on a cosine stepped every iteration                §7    optim.py
 
 Both networks stay in eval mode. The fast recipe departs from the paper through the hooks of `Recipe` and
 `KernelRows` (below `Method`); `DEPARTURES` lists every switch by which a fit may depart, with its config key,
@@ -27,7 +27,7 @@ from nern.errors import NernError
 from nern.fit_setup import FitSetup, attach_tuned, build_predictor, layer_scales
 from nern.losses import (LossWeights, Terms, distillation_terms, kernel_rows_reconstruction_loss, label_term,
                          nern_objective, reconstruction_loss)
-from nern.optim import optimiser_and_schedule, param_groups, total_iterations
+from nern.optim import optimizer_and_schedule, param_groups, total_iterations
 from nern.qat import learnt_step_parameters
 from nern.reconstruct import NetworkPair, kernels_to_weights, predict_kernels, weights_to_kernels
 from nern.sampling import KernelSampler
@@ -46,7 +46,7 @@ class Method:
                                             device=None if self.device.type == "cpu" else self.device)
         self.distillation_total = total_iterations(cfg, self.stream.batches_per_epoch)
         self.total = cfg.rec_only_iterations + self.distillation_total
-        self.optimizer, self.scheduler = self.new_optimiser(0)  # §7
+        self.optimizer, self.scheduler = self.fresh_optimizer(0)  # §7
         self.sampler = KernelSampler(cfg.sampling.method, cfg.sampling.batch, setup.rep.offsets,  # §5
                                      setup.targets.norm(dim=1), cfg.sampling.uniform_prob, seed=cfg.seed)
         self.originals = [w.to(self.device) for w in setup.originals]
@@ -135,14 +135,14 @@ class Method:
         """The predictor's parameters (quantiser steps included) and, with tune_verbatim, the verbatim tensors."""
         return [*self.predictor.parameters(), *(self.tuned.parameters() if self.tuned is not None else ())]
 
-    def new_optimiser(self, iteration: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    def fresh_optimizer(self, iteration: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         groups = param_groups(self.trainable(), set(learnt_step_parameters(self.predictor)), self.cfg.optim)
-        return optimiser_and_schedule(self.cfg, groups, self.distillation_total, iteration)
+        return optimizer_and_schedule(self.cfg, groups, self.distillation_total, iteration)
 
     def rebuild_optimizer(self) -> None:
         """A fresh optimiser and schedule over the predictor's parameters as they are now (e.g. with the learnt
         quantiser steps of `nern.qat` attached); the schedule continues where the fit is."""
-        self.optimizer, self.scheduler = self.new_optimiser(self.iteration)
+        self.optimizer, self.scheduler = self.fresh_optimizer(self.iteration)
 
     def stateful(self) -> dict[str, Any]:
         """Everything the next step depends on, by checkpoint key."""

@@ -64,7 +64,7 @@ def param_groups(trainable: list[nn.Parameter], steps: set[nn.Parameter], optim:
             {"params": [p for p in trainable if p in steps], "lr": optim.lr * optim.step_lr_scale, "weight_decay": 0.0}]
 
 
-def optimiser_and_schedule(cfg: FitConfig, groups: list[dict[str, Any]], distillation_total: int,
+def optimizer_and_schedule(cfg: FitConfig, groups: list[dict[str, Any]], distillation_total: int,
                            iteration: int = 0) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """A fresh optimiser over `groups` and its schedule, continued to `iteration`."""
     optimizer = make_optimizer(cfg, groups)
