@@ -1,8 +1,8 @@
 # Stage 4: ablations at each network's reference point: one fit per variant (loss terms, weight
 # sampling, smooth vs non-smooth embeddings, ...). A variant with no overrides is the reference fit itself.
 
-ABLATION_SUBDIR = "ablation/{variant}/{fit_recipe}/{orig}/{perm}/h{hidden}"
-ABLATION_OUT = f"{RESULTS}/{{net}}/{ABLATION_SUBDIR}"
+ABLATION_SUBDIR = FIT_DIRS["ablation"]
+ABLATION_OUT = f"{NET_RESULTS}/{ABLATION_SUBDIR}"
 
 
 use rule fit as fit_ablation with:
@@ -11,8 +11,8 @@ use rule fit as fit_ablation with:
         curves=f"{ABLATION_OUT}/curves.csv",
         predictor=f"{ABLATION_OUT}/predictor.safetensors",
     log:
-        f"{LOGS}/{{net}}/{ABLATION_SUBDIR}.log",
+        f"{NET_LOGS}/{ABLATION_SUBDIR}.log",
     benchmark:
-        f"{BENCHMARKS}/{{net}}/{ABLATION_SUBDIR}.tsv"
+        f"{NET_BENCHMARKS}/{ABLATION_SUBDIR}.tsv"
     params:
         **fit_params("ablation", "fit_ablation"),

@@ -1,12 +1,16 @@
-# Paths, wildcard constraints and input functions shared by the stage files. The experiment design (which
-# fits make which table rows, the manifest, each job's overrides and their validation) is nern/grid.py.
+# Paths, wildcard constraints, input functions and the helpers every stage file may use (included first, so each
+# rule file can reach them). The experiment design (which fits make which table rows, the manifest, each job's
+# overrides and their validation) is nern/grid.py.
 #
-# Every path is derived from the preset (config): results/<preset>/<network>/... says what a file is.
+# Every path is derived from the preset (config): results/<preset>/<network>/... says what a file is. The
+# templates below results/<preset>/<network>/ are spelled once, in nern/grid.py:
 #   original/{orig}/                           the original network: orig = reg<factor> (pretrained) or imported
 #   permutation/{orig}/{perm}.safetensors      coordinate permutation of that original
 #   fit/{fit_recipe}/{orig}/{perm}/h{hidden}/  one NeRN fit of the main grid (also the regularisation table)
 #   ablation/{variant}/{fit_recipe}/{orig}/{perm}/h{hidden}/    an ablation fit
 #   data-free/{fit_recipe}/{orig}/{perm}/h{hidden}/             a data-free fit
+#   <fit dir>/{compress,importance}/           the application stages' outputs, beside the fit
+# logs/<preset>/ and benchmarks/<preset>/ mirror them (one .log / .tsv per job).
 # The per-job overrides are rule params, so changing one in the config reruns exactly the jobs it touches.
 
 import os
@@ -26,6 +30,13 @@ TABLES = f"results/tables/{PRESET}"
 FIGURES = f"results/figures/{PRESET}"
 LOGS = f"logs/{PRESET}"
 BENCHMARKS = f"benchmarks/{PRESET}"
+# One network's results, logs and benchmarks ({net} is the wildcard) and the templates below them (nern/grid.py).
+NET_RESULTS = f"{RESULTS}/{{net}}"
+NET_LOGS = f"{LOGS}/{{net}}"
+NET_BENCHMARKS = f"{BENCHMARKS}/{{net}}"
+ORIGINAL_DIR = grid.ORIGINAL_DIR
+PERMUTATION_STEM = grid.PERMUTATION_STEM
+FIT_DIRS = grid.FIT_DIRS
 # Jobs run the CLI with the interpreter that runs Snakemake (inside Slurm too), never whatever is on PATH.
 # NERN, MLFLOW_URI, the device and COMPILE are used in shell commands directly, not as params: they do not change
 # results, so a new virtualenv, tracking server or GPU must not rerun finished jobs.
@@ -75,7 +86,7 @@ def original_model(wildcards):
 
 def network_permuted_model(net, orig, perm):
     """symmetry: the original permuted along its weight-space symmetries (written by rule permute_network)."""
-    return f"{RESULTS}/{net}/permutation/{orig}/{perm}.model.safetensors"
+    return f"{RESULTS}/{net}/{PERMUTATION_STEM.format(orig=orig, perm=perm)}.model.safetensors"
 
 
 def fitted_model(wildcards):
@@ -113,7 +124,8 @@ def represent_overrides(wildcards):
 
 
 def permutation_input(wildcards):
-    return f"{RESULTS}/{wildcards.net}/permutation/{wildcards.orig}/{wildcards.perm}.safetensors"
+    stem = PERMUTATION_STEM.format(orig=wildcards.orig, perm=wildcards.perm)
+    return f"{RESULTS}/{wildcards.net}/{stem}.safetensors"
 
 
 def fit_of(wildcards, stage):
@@ -152,6 +164,57 @@ def rule_resources(rule_name, per_network=True):
         return lambda wildcards: grid.network_resource(config, wildcards.net, rule_name, key)
 
     return {key: value(key) for key in base}
+
+
+# -- the application stages (compress.smk, importance.smk): one job per fit directory, outputs beside it ------
+
+# A fit directory below results/<preset>/<network>/ (FIT_DIRS): fit/..., data-free/... or ablation/<variant>/...
+FIT_DIR_PATTERN = (r"(fit|data-free|ablation/[A-Za-z0-9][A-Za-z0-9_.+-]*)/[^/]+/(imported|reg[0-9.e+-]+)/("
+                   + "|".join(GRID_PERMUTATIONS) + r")/h[0-9]+")
+
+
+def application_path(stage, name):
+    """An output of an application stage for the fit directory {fitpoint}: <fit dir>/<stage>/<name>."""
+    return f"{NET_RESULTS}/{{fitpoint}}/{stage}/{name}"
+
+
+def application_outputs(stage, files):
+    return [f"{fit_dir}/{stage}/{name}" for fit_dir in grid.application_dirs(config, ROWS, stage) for name in files]
+
+
+def application_model(wildcards):
+    """The network a fit directory's predictor was fitted to (its orig and perm are the third- and second-last
+    parts): the original, or its permuted equivalent for a network permutation."""
+    orig, perm = wildcards.fitpoint.split("/")[-3:-1]
+    if perm in NETWORK_PERMUTATIONS:
+        return network_permuted_model(wildcards.net, orig, perm)
+    return f"{grid.original_dir(PRESET, wildcards.net, orig)}/model.safetensors"
+
+
+def application_threads(stage):
+    """The preset's threads for the stage, else the fit's (fine-tunes and evaluations run like a fit)."""
+    return config["threads"].get(stage, config["threads"]["fit"])
+
+
+def application_resources(stage):
+    """The preset's resources for the stage, else the fit's (on a cluster: the GPU partition)."""
+    return rule_resources(stage if stage in config["resources"] else "fit")
+
+
+def application_data(wildcards):
+    """The network's data settings (the fit's own are the base; the config's current ones win)."""
+    network = network_of(wildcards)
+    return grid.set_args([(f"networks[{network['name']}].data", {"data": network["data"]})])
+
+
+def application_tags(wildcards, rule_name):
+    return grid.tag_args(rule=rule_name, preset=PRESET, network=wildcards.net, fit=wildcards.fitpoint)
+
+
+def application_report(stage, name, caption, category, result):
+    """An application output in the Snakemake report: one subcategory per network, labelled by fit and result."""
+    return report(application_path(stage, name), caption=f"../report/{caption}.rst", category=category,
+                  subcategory="{net}", labels={"fit": "{fitpoint}", "result": result})
 
 
 # -- final outputs -------------------------------------------------------------------------------------------

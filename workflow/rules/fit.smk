@@ -1,8 +1,8 @@
 # Stage 3: NeRN fits over the grid of fit recipes x originals x permutations x predictor sizes.
 # The same rule fits the reference points of the ablation, regularisation and data-free tables.
 
-FIT_SUBDIR = "fit/{fit_recipe}/{orig}/{perm}/h{hidden}"
-FIT_OUT = f"{RESULTS}/{{net}}/{FIT_SUBDIR}"
+FIT_SUBDIR = FIT_DIRS["fit"]
+FIT_OUT = f"{NET_RESULTS}/{FIT_SUBDIR}"
 
 
 rule fit:
@@ -15,9 +15,9 @@ rule fit:
         curves=f"{FIT_OUT}/curves.csv",
         predictor=f"{FIT_OUT}/predictor.safetensors",
     log:
-        f"{LOGS}/{{net}}/{FIT_SUBDIR}.log",
+        f"{NET_LOGS}/{FIT_SUBDIR}.log",
     benchmark:
-        f"{BENCHMARKS}/{{net}}/{FIT_SUBDIR}.tsv"
+        f"{NET_BENCHMARKS}/{FIT_SUBDIR}.tsv"
     threads: rule_threads("fit")
     resources:
         **rule_resources("fit"),

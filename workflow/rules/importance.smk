@@ -1,6 +1,6 @@
 # Stage 8 (application): weight importance from NeRN's reconstruction error (nern/importance.py): error maps
 # per layer, and the ORIGINAL network pruned by NeRN error vs magnitude vs at random (no fine-tuning).
-# Uses the helpers of compress.smk (include it first). Outputs live beside the fit:
+# Outputs live beside the fit (the application helpers are in common.smk):
 #   results/<preset>/<net>/<fit dir>/importance/{importance.csv,importance.md,pruning.png,error_maps.png,kernels.png,...}
 
 
@@ -11,25 +11,24 @@ def importance_outputs():
 
 rule importance:
     wildcard_constraints:
-        fitpoint=FIT_POINT,
+        fitpoint=FIT_DIR_PATTERN,
     input:
         model=application_model,
-        predictor=f"{RESULTS}/{{net}}/{{fitpoint}}/predictor.safetensors",
+        predictor=f"{NET_RESULTS}/{{fitpoint}}/predictor.safetensors",
     output:
-        table=application_report(f"{RESULTS}/{{net}}/{{fitpoint}}/importance/importance.csv",
-                                 "table_importance", "Weight importance", "top-1 after pruning"),
-        markdown=f"{RESULTS}/{{net}}/{{fitpoint}}/importance/importance.md",
-        pruning=application_report(f"{RESULTS}/{{net}}/{{fitpoint}}/importance/pruning.png",
-                                   "figure_pruning", "Weight importance", "pruning curves"),
-        maps=application_report(f"{RESULTS}/{{net}}/{{fitpoint}}/importance/error_maps.png",
-                                "figure_error_maps", "Weight importance", "error maps"),
-        kernels=application_report(f"{RESULTS}/{{net}}/{{fitpoint}}/importance/kernels.png",
-                                   "figure_kernels", "Weight importance", "kernels"),
-        metrics=f"{RESULTS}/{{net}}/{{fitpoint}}/importance/metrics.json",
+        table=application_report("importance", "importance.csv", "table_importance", "Weight importance",
+                                  "top-1 after pruning"),
+        markdown=application_path("importance", "importance.md"),
+        pruning=application_report("importance", "pruning.png", "figure_pruning", "Weight importance",
+                                   "pruning curves"),
+        maps=application_report("importance", "error_maps.png", "figure_error_maps", "Weight importance",
+                                "error maps"),
+        kernels=application_report("importance", "kernels.png", "figure_kernels", "Weight importance", "kernels"),
+        metrics=application_path("importance", "metrics.json"),
     log:
-        f"{LOGS}/{{net}}/{{fitpoint}}/importance.log",
+        f"{NET_LOGS}/{{fitpoint}}/importance.log",
     benchmark:
-        f"{BENCHMARKS}/{{net}}/{{fitpoint}}/importance.tsv"
+        f"{NET_BENCHMARKS}/{{fitpoint}}/importance.tsv"
     threads: application_threads("importance")
     resources:
         **application_resources("importance"),

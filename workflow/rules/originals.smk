@@ -1,15 +1,18 @@
 # Stage 1: the original networks, either imported from published weights or pretrained per
 # smoothness-regularisation factor (orig = reg<factor>).
 
+IMPORTED = ORIGINAL_DIR.format(orig="imported")  # original/imported
+TRAINED = ORIGINAL_DIR.format(orig="reg{reg}")  # original/reg{reg}
+
 
 rule import_weights:
     input:
         import_inputs,
     output:
-        model=f"{RESULTS}/{{net}}/original/imported/model.safetensors",
-        metrics=f"{RESULTS}/{{net}}/original/imported/metrics.json",
+        model=f"{NET_RESULTS}/{IMPORTED}/model.safetensors",
+        metrics=f"{NET_RESULTS}/{IMPORTED}/metrics.json",
     log:
-        f"{LOGS}/{{net}}/original/imported.log",
+        f"{NET_LOGS}/{IMPORTED}.log",
     threads: rule_threads("import_weights")
     resources:
         **rule_resources("import_weights"),
@@ -27,13 +30,13 @@ rule pretrain:
     input:
         original_sources,
     output:
-        model=f"{RESULTS}/{{net}}/original/reg{{reg}}/model.safetensors",
-        metrics=f"{RESULTS}/{{net}}/original/reg{{reg}}/metrics.json",
-        curves=f"{RESULTS}/{{net}}/original/reg{{reg}}/curves.csv",
+        model=f"{NET_RESULTS}/{TRAINED}/model.safetensors",
+        metrics=f"{NET_RESULTS}/{TRAINED}/metrics.json",
+        curves=f"{NET_RESULTS}/{TRAINED}/curves.csv",
     log:
-        f"{LOGS}/{{net}}/original/reg{{reg}}.log",
+        f"{NET_LOGS}/{TRAINED}.log",
     benchmark:
-        f"{BENCHMARKS}/{{net}}/original/reg{{reg}}.tsv"
+        f"{NET_BENCHMARKS}/{TRAINED}.tsv"
     threads: rule_threads("pretrain")
     resources:
         **rule_resources("pretrain"),

@@ -2,6 +2,8 @@
 # itself permuted along its weight-space symmetries (symmetry: a permuted equivalent network, identity
 # coordinates, nothing stored; nern/symmetry.py).
 
+PERMUTATION_OUT = f"{NET_RESULTS}/{PERMUTATION_STEM}"  # + .safetensors, .json, .model.safetensors
+
 
 rule permute:
     wildcard_constraints:
@@ -9,12 +11,12 @@ rule permute:
     input:
         model=original_model,
     output:
-        permutation=f"{RESULTS}/{{net}}/permutation/{{orig}}/{{perm}}.safetensors",
-        summary=f"{RESULTS}/{{net}}/permutation/{{orig}}/{{perm}}.json",
+        permutation=f"{PERMUTATION_OUT}.safetensors",
+        summary=f"{PERMUTATION_OUT}.json",
     log:
-        f"{LOGS}/{{net}}/permutation/{{orig}}/{{perm}}.log",
+        f"{NET_LOGS}/{PERMUTATION_STEM}.log",
     benchmark:
-        f"{BENCHMARKS}/{{net}}/permutation/{{orig}}/{{perm}}.tsv"
+        f"{NET_BENCHMARKS}/{PERMUTATION_STEM}.tsv"
     threads: rule_threads("permute")
     resources:
         **rule_resources("permute"),
@@ -32,13 +34,13 @@ rule permute_network:
     input:
         model=original_model,
     output:
-        permutation=f"{RESULTS}/{{net}}/permutation/{{orig}}/{{perm}}.safetensors",
-        summary=f"{RESULTS}/{{net}}/permutation/{{orig}}/{{perm}}.json",
-        model=f"{RESULTS}/{{net}}/permutation/{{orig}}/{{perm}}.model.safetensors",
+        permutation=f"{PERMUTATION_OUT}.safetensors",
+        summary=f"{PERMUTATION_OUT}.json",
+        model=f"{PERMUTATION_OUT}.model.safetensors",
     log:
-        f"{LOGS}/{{net}}/permutation/{{orig}}/{{perm}}.log",
+        f"{NET_LOGS}/{PERMUTATION_STEM}.log",
     benchmark:
-        f"{BENCHMARKS}/{{net}}/permutation/{{orig}}/{{perm}}.tsv"
+        f"{NET_BENCHMARKS}/{PERMUTATION_STEM}.tsv"
     threads: rule_threads("permute")
     resources:
         **rule_resources("permute"),

@@ -1,10 +1,12 @@
 # Stage 6: the paper's tables and figures, aggregated from the runs' metrics.json / curves.csv only.
 
+MANIFEST = f"{RESULTS}/manifest.yaml"  # which run fills which table row (nern/grid.py)
+
 
 rule manifest:
     # Which run fills which table row, written from the config: a new or changed row reruns the tables.
     output:
-        f"{RESULTS}/manifest.yaml",
+        MANIFEST,
     log:
         f"{LOGS}/manifest.log",
     localrule: True
@@ -17,7 +19,7 @@ rule manifest:
 
 rule tables:
     input:
-        manifest=f"{RESULTS}/manifest.yaml",
+        manifest=MANIFEST,
         fits=grid.fit_metrics(ROWS),
         curves=[path.replace("metrics.json", "curves.csv") for path in grid.fit_metrics(ROWS)],
         originals=grid.original_metrics(PRESET, ROWS),
