@@ -10,7 +10,8 @@
 Both networks stay in eval mode. The fast recipe departs from the paper through the hooks of `Recipe` and
 `KernelRows` (below `Method`); `DEPARTURES` lists every switch by which a fit may depart, with its config key,
 the paper's value, why, and the code it acts through (docs/METHOD.md §13 describes each). With the paper's
-settings every hook is the paper's plain behaviour. nern/fit.py runs a `Method` to the end (evaluation, checkpoints, outputs).
+settings every hook is the paper's plain behaviour. nern/fit.py runs a `Method` to the end (evaluation,
+checkpoints, outputs).
 """
 
 from __future__ import annotations
