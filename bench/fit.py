@@ -7,24 +7,22 @@ iteration with `torch.utils.flop_counter.FlopCounterMode` (predictor and network
 and divides the achieved FLOP/s by a dense fp32 matmul's FLOP/s measured in the same process.
 Prints its configuration, the machine, and finally ONE JSON line.
 
-    python bench/fit.py [--device cuda] [--iterations 10] [--archs resnet20,resnet56] [--set key=value ...]
-    python bench/fit.py --archs resnet20 --set compile=true --compare-eager --iterations 10   # fused vs eager
+    python -m bench.fit [--device cuda] [--iterations 10] [--archs resnet20,resnet56] [--set key=value ...]
+    python -m bench.fit --archs resnet20 --set compile=true --compare-eager --iterations 10   # fused vs eager
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
+import shutil
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.harness import build, emit, fit_config, machine, matmul_flops, public_weights, sync
 
-SHARED = ROOT.parent / "shared" / "data" / "pretrained"
 SETTINGS = {"resnet20": 180, "resnet56": 320}
 
 
@@ -41,51 +39,21 @@ def synthetic_splits(n: int = 2048):
     return Splits(ImageSet(images, labels, info), part, part)
 
 
-def sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def matmul_flops(device: str, size: int = 2048, repeats: int = 10, rounds: int = 5) -> float:
-    """The BEST of several rounds: the machine's limit, so the reported fraction errs on the low side."""
-    import torch
-
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(rounds):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        sync(device)
-        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
-    return best
-
-
 def bench_arch(arch: str, hidden: int, args: argparse.Namespace) -> dict:
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nern.config import FitConfig, load_config
-    from nern.fit import Fitter, prepare
+    from nern.fit import Fitter
     from nern.models import build_model, load_weights
 
-    shortcut = "A"
-    cfg = load_config(FitConfig, ROOT / "config" / "presets" / "paper.yaml",
-                      [f"model.arch={arch}", f"predictor.hidden={hidden}", "iterations=100000", "epochs=null",
-                       f"device={args.device}", "progress=false", *args.set])
+    cfg = fit_config("paper", [f"model.arch={arch}", f"predictor.hidden={hidden}", "iterations=100000", "epochs=null",
+                               f"device={args.device}", "progress=false", *args.set])
     model = build_model(cfg.model)
-    weights = SHARED / {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}[arch]
-    if weights.is_file() and shortcut == "A":
-        load_weights(model, str(weights))
-    setup = prepare(cfg, model=model, splits=synthetic_splits())
+    if public_weights(arch).is_file():  # the public weights (option A shortcuts); else the init
+        load_weights(model, str(public_weights(arch)))
+    setup = build(cfg, model=model, splits=synthetic_splits())
+    out = Path(tempfile.mkdtemp(prefix="nern-bench-fit-"))
     # FLOPs are counted on an eager step (the counter cannot see inside compiled graphs); the math is the same.
-    eager = Fitter(replace(cfg, compile=False), setup, Path("/tmp/nern-bench-fit"))
+    eager = Fitter(replace(cfg, compile=False), setup, out)
     eager.step()
     with FlopCounterMode(display=False) as counter:
         eager.step()
@@ -93,7 +61,7 @@ def bench_arch(arch: str, hidden: int, args: argparse.Namespace) -> dict:
     compare = args.compare_eager and cfg.compile
     if not compare:
         eager.close()
-    fitter = Fitter(cfg, setup, Path("/tmp/nern-bench-fit"))
+    fitter = Fitter(cfg, setup, out)
     start = time.perf_counter()
     for _ in range(args.warmup):
         fitter.step()
@@ -121,6 +89,7 @@ def bench_arch(arch: str, hidden: int, args: argparse.Namespace) -> dict:
         row["eager_seconds_per_iteration"] = spent["eager"] / (rounds * per_round)
         row["eager_achieved_flops"] = flops / row["eager_seconds_per_iteration"]
         row["speedup_over_eager"] = row["eager_seconds_per_iteration"] / seconds
+    shutil.rmtree(out, ignore_errors=True)  # the fitters' run directory: nothing in it is a figure
     return row
 
 
@@ -140,8 +109,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    mach = {"cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device}
+    mach = machine(args.device)
     print(json.dumps({"config": vars(args), "machine": mach}))
     peak = matmul_flops(args.device)
     rows = []
@@ -157,7 +125,7 @@ def main() -> None:
         print(f"{arch} h={row['hidden']}: {row['seconds_per_iteration']:.3f} s/it, "
               f"{row['flops_per_iteration'] / 1e9:.1f} GFLOP/it, {row['achieved_flops'] / 1e9:.1f} GFLOP/s "
               f"= {100 * row['fraction_of_matmul']:.1f}% of matmul ({peak / 1e9:.1f} GFLOP/s)", flush=True)
-    print(json.dumps({"bench": "fit", "machine": mach, "matmul_flops": peak, "results": rows}))
+    emit("fit", machine=mach, matmul_flops=peak, results=rows)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ Parts (each timed in this one run, on this machine, one thread):
 Chain quality = mean cosine similarity of the kernels on consecutive grid slots (higher is better).
 The last line printed is one JSON object with every figure.
 
-    .venv/bin/python bench/permute.py --before 4d5c60b     # before/after (4d5c60b: the hand-written k-means)
-    .venv/bin/python bench/permute.py --quick              # smoke run: small layer, short limits
+    .venv/bin/python -m bench.permute --before 4d5c60b     # before/after (4d5c60b: the hand-written k-means)
+    .venv/bin/python -m bench.permute --quick              # smoke run: small layer, short limits
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -34,14 +32,11 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.harness import CHECKPOINTS, ROOT, emit, machine, public_weights
+from nern import chain as C
+from nern import permutation as P
 
-from nern import chain as C  # noqa: E402
-from nern import permutation as P  # noqa: E402
-
-PRETRAINED = Path("/work/shared/data/pretrained")
-NETWORKS = {"resnet20": PRETRAINED / "resnet20-12fca82f.th", "resnet56": PRETRAINED / "resnet56-4bfd9763.th"}
+NETWORKS = {arch: public_weights(arch) for arch in CHECKPOINTS}
 RESNET18_BLOCK_SHAPES = ([(64, 64)] * 4 + [(128, 64), (128, 128), (128, 128), (128, 128)]
                          + [(256, 128), (256, 256), (256, 256), (256, 256)]
                          + [(512, 256), (512, 512), (512, 512), (512, 512)])
@@ -66,19 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.lkh_seconds = 2.0 if args.quick else 10.0
     args.skip_resnet18 = args.skip_resnet18 or args.quick
     return args
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": "cpu (the permutation code runs on the CPU only)",
-        "cuda_available": torch.cuda.is_available(),
-        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
-    }
 
 
 def permutation_module_at(rev: str) -> ModuleType:
@@ -280,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     before = permutation_module_at(args.before) if args.before else None
-    info = machine()
+    info = {**machine(), "device": "cpu (the permutation code runs on the CPU only)"}
     config = {"quick": args.quick, "side": args.side, "seed": args.seed, "before": args.before,
               "baseline_limit_seconds": args.baseline_limit_seconds, "lkh_seconds": args.lkh_seconds,
               "networks": {k: str(v) for k, v in NETWORKS.items()}, "resnet18_sweep": not args.skip_resnet18,
@@ -289,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
                        "or_opt_rounds": C.OR_OPT_ROUNDS, "auto_exact_max": C.AUTO_EXACT_MAX}}
     print("config:", json.dumps(config))
     print("machine:", json.dumps(info))
-    result: dict[str, Any] = {"bench": "permute", "config": config, "machine": info}
+    result: dict[str, Any] = {"config": config, "machine": info}
     for name, path in NETWORKS.items():
         if not (args.quick and name != "resnet20"):
             result[name] = bench_network(name, path, before, args.lkh_seconds)
@@ -298,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_resnet18:
         result["resnet18_shapes"] = bench_resnet18_shapes(args.seed)
     result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    print(json.dumps(result, sort_keys=True))
+    emit("permute", **dict(sorted(result.items())))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Screen fast-preset schedules on VALIDATION: one reconstruction-only phase, then several distillation variants
+"""Screen fast-recipe schedules on VALIDATION: one reconstruction-only phase, then several distillation variants
 branched from it, each scored on the validation split (never the test set) with its wall seconds.
 
 A fast fit is two phases: `rec_only_iterations` steps that fit the kernels (no images), then `iterations`
@@ -9,7 +9,7 @@ validation at the end of its schedule (and every --eval-every steps, for the cur
 the threads given (one process; run two processes for two cores) and reported per phase, so a budget can be
 summed: rec-only seconds + distillation seconds + evaluations.
 
-    python bench/screen_fast.py --rec 600,2400@8192 --hidden 180 --threads 1 \
+    python -m bench.screen_fast --rec 600,2400@8192 --hidden 180 --threads 1 \
         --variant d150:iterations=150 --variant d150b128:iterations=150,data.batch_size=128
 Prints a table and ONE JSON line. Skips (exit 0, says why) when the data or the weights are absent.
 """
@@ -18,14 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.fidelity import PRESETS, SHARED, machine  # noqa: E402
+from bench.harness import CIFAR10_JPEG, Network, build, emit, fit_config, machine, public_weights, skip
 
 
 def parse_rec(text: str) -> tuple[int, int | None]:
@@ -39,19 +35,16 @@ def rec_name(rec: tuple[int, int | None]) -> str:
 
 
 def base_overrides(args: argparse.Namespace, rec: tuple[int, int | None]) -> list[str]:
-    return [f"model.arch={args.arch}", "model.shortcut=A", f"model.checkpoint={args.weights}",
-            "data.name=imagefolder", f"data.root={args.data_root}", f"data.val_size={args.val_size}",
-            "device=cpu", f"threads={args.threads}", "progress=false", "eval_every=0", "checkpoint_every=0",
-            f"predictor.hidden={args.hidden}", f"seed={args.seed}", "epochs=null", f"rec_only_iterations={rec[0]}",
-            f"rec_only_batch={rec[1] if rec[1] else 'null'}", *args.set]
+    network = Network(args.arch, args.hidden, args.weights, args.data_root, args.val_size, args.eval_limit,
+                      threads=args.threads, seed=args.seed)
+    return network.overrides() + ["epochs=null", f"rec_only_iterations={rec[0]}",
+                                  f"rec_only_batch={rec[1] if rec[1] else 'null'}", *args.set]
 
 
 def make_fitter(args: argparse.Namespace, rec: tuple[int, int | None], variant: list[str], setup):
-    from nern.config import FitConfig, load_config
     from nern.fit import Fitter
 
-    cfg = load_config(FitConfig, PRESETS / args.preset, base_overrides(args, rec) + variant)
-    return Fitter(cfg, setup, Path(args.out) / "run")
+    return Fitter(fit_config(args.recipe, base_overrides(args, rec) + variant), setup, Path(args.out) / "run")
 
 
 def val_top1(fitter) -> tuple[float, float]:
@@ -133,10 +126,10 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet20")
-    p.add_argument("--weights", default=str(SHARED / "pretrained" / "resnet20-12fca82f.th"))
-    p.add_argument("--data-root", default=str(SHARED / "cifar10-jpeg"))
+    p.add_argument("--weights", default=None, help="default: the public weights of --arch")
+    p.add_argument("--data-root", default=str(CIFAR10_JPEG))
     p.add_argument("--permutation", default="", help="permutation file (nern permute); empty: none")
-    p.add_argument("--preset", default="fast.yaml")
+    p.add_argument("--recipe", default="fast", help="a fit recipe of config/recipes/")
     p.add_argument("--rec", type=lambda s: [parse_rec(x) for x in s.split(",")], default=[(600, None)],
                    help="reconstruction-only phases: STEPS or STEPS@KERNELS_PER_STEP, comma-separated")
     p.add_argument("--variant", action="append", default=[], help="NAME:key=value,key=value (distillation)")
@@ -144,26 +137,20 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--val-size", type=int, default=5000)
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on this many validation images (0: all)")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N distillation steps")
     p.add_argument("--set", action="append", default=[], help="override for every fit (both phases)")
     p.add_argument("--rec-only", action="store_true", help="only the reconstruction phases (their val top-1)")
     p.add_argument("--out", default="benchmarks/screen_fast")
     args = p.parse_args()
+    args.weights = args.weights or str(public_weights(args.arch))
     if not Path(args.weights).exists() or not (Path(args.data_root) / "test").exists():
-        print(f"SKIP: {args.weights} or {args.data_root} absent")
-        print(json.dumps({"bench": "screen_fast", "skipped": True}))
+        skip("screen_fast", f"{args.weights} or {args.data_root} absent")
         return
-    import torch
-
-    from nern.config import FitConfig, load_config
-    from nern.fit import prepare
-
-    torch.set_num_threads(args.threads)
     print(json.dumps({"config": vars(args), "machine": machine()}), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    cfg = load_config(FitConfig, PRESETS / args.preset, base_overrides(args, (0, None)))
-    setup = prepare(cfg, permutation=args.permutation or None)
-    variants = [parse_variant(v) for v in args.variant] or [("preset", [])]
+    setup = build(fit_config(args.recipe, base_overrides(args, (0, None))), args.permutation)
+    variants = [parse_variant(v) for v in args.variant] or [("recipe", [])]
     phases, rows = [], []
     for rec in args.rec:
         state, phase = rec_phase(args, rec, setup)
@@ -175,7 +162,7 @@ def main() -> None:
         phase = next(ph for ph in phases if ph["rec"] == row["rec"])
         print(f"{row['rec']:>10} {row['variant']:<16} {row['val_top1']:6.2f} {row['seconds']:9.0f} "
               f"{phase['seconds']:6.0f} {phase['val_top1']:7.2f}")
-    print(json.dumps({"bench": "screen_fast", "machine": machine(), "phases": phases, "variants": rows}))
+    emit("screen_fast", machine=machine(), phases=phases, variants=rows)
 
 
 if __name__ == "__main__":

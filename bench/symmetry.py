@@ -1,4 +1,4 @@
-"""Benchmark of the zero-byte symmetry permutation against the coordinate permutations (METHOD.md 6, 12).
+"""Benchmark of the zero-byte symmetry permutation against the coordinate permutations (docs/METHOD.md §6, §12).
 
 For the public CIFAR-10 ResNet20 and ResNet56 (option A, every 3x3 conv represented), chain quality (mean
 cosine of kernels on consecutive grid slots, the figure `nern permute` reports; higher is better) of:
@@ -11,31 +11,24 @@ cosine of kernels on consecutive grid slots, the figure `nern permute` reports; 
 which row-major chains ignore but a smooth predictor also sees. Each time is one run on this machine.
 The last line printed is one JSON object with every figure.
 
-    .venv/bin/python bench/symmetry.py
+    .venv/bin/python -m bench.symmetry [--archs resnet20]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nern.config import ModelConfig  # noqa: E402
-from nern.layers import conv_weights, find_conv_layers  # noqa: E402
-from nern.models import load_model  # noqa: E402
-from nern.permutation import chain_quality_of_positions, compute_permutations, permutation_bytes  # noqa: E402
-from nern.symmetry import symmetry_permute  # noqa: E402
-
-PRETRAINED = Path("/work/shared/data/pretrained")
-CHECKPOINTS = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
+from bench.harness import CHECKPOINTS, emit, machine, public_weights
+from nern.config import ModelConfig
+from nern.layers import conv_weights, find_conv_layers
+from nern.models import load_model
+from nern.permutation import chain_quality_of_positions, compute_permutations, permutation_bytes
+from nern.symmetry import symmetry_permute
 
 
 def _column_major(weights: list[torch.Tensor], positions: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -57,7 +50,7 @@ def _qualities(model: torch.nn.Module, positions: list[torch.Tensor] | None = No
 
 
 def bench_model(arch: str) -> dict[str, Any]:
-    model = load_model(ModelConfig(arch=arch, shortcut="A", checkpoint=str(PRETRAINED / CHECKPOINTS[arch])))
+    model = load_model(ModelConfig(arch=arch, shortcut="A", checkpoint=str(public_weights(arch))))
     result: dict[str, Any] = {"none": {**_qualities(model), "bytes": 0}}
     for features in ("input", "both"):
         permuted, report = symmetry_permute(model, features=features)
@@ -73,21 +66,23 @@ def bench_model(arch: str) -> dict[str, Any]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default=",".join(CHECKPOINTS), help="comma-separated, from resnet20, resnet56")
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "load_1min": round(os.getloadavg()[0], 2)}
+    info = machine()
     print("machine:", json.dumps(info))
     results: dict[str, Any] = {}
-    for arch, name in CHECKPOINTS.items():
-        if not (PRETRAINED / name).is_file():
-            print(f"{arch}: {PRETRAINED / name} is absent, skipped")
+    for arch in args.archs.split(","):
+        if not public_weights(arch).is_file():
+            print(f"{arch}: {public_weights(arch)} is absent, skipped")
             continue
         results[arch] = bench_model(arch)
         print(f"{arch}:")
         for method, figures in results[arch].items():
             print(f"  {method:16s} chain {figures['chain_quality']:.4f}  filter {figures['filter_quality']:.4f}  "
                   f"stored {figures['bytes']:>7d} B  {figures.get('seconds', 0.0):6.2f} s")
-    print(json.dumps({"machine": info, "results": results}, sort_keys=True))
+    emit("symmetry", machine=info, results=results)
 
 
 if __name__ == "__main__":

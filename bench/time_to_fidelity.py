@@ -1,5 +1,5 @@
-"""Time to fidelity: wall minutes until the fast preset's reconstructed network is within 1.0 pt of the original
-on VALIDATION, the test top-1 at that point, and the paper preset's accuracy after the same wall time.
+"""Time to fidelity: wall minutes until the fast recipe's reconstructed network is within 1.0 pt of the original
+on VALIDATION, the test top-1 at that point, and the paper recipe's accuracy after the same wall time.
 
 This is what sizes a CPU pipeline preset's budgets (config/cifar10-cpu.yaml). Public ResNet20 (h=140, 180) and
 ResNet56 (h=280, 320) on CIFAR-10 (JPEG), 3 seeds each. Every fit is its own process on --threads threads,
@@ -8,83 +8,58 @@ loading the data, measuring the original, compiling and evaluating are all insid
 fit job pays them too). The fast fit is evaluated after its reconstruction-only phase and then every
 --eval-every distillation iterations, and stops at the first evaluation within --tolerance of the original on
 validation (the decision never looks at the test set), at the end of its schedule, or at --max-minutes. The
-paper preset then runs its own schedule for the same wall minutes (the fast fit's, reached or not) and is
+paper recipe then runs its own schedule for the same wall minutes (the fast fit's, reached or not) and is
 evaluated once. The permutation is computed once per network beforehand, as the pipeline does, and reported
 separately. Prints its configuration and the machine first, a table, and finally ONE JSON line.
 
-    python bench/time_to_fidelity.py --threads 2                          # the real thing (hours on 2 cores)
-    python bench/time_to_fidelity.py --networks resnet20 --hidden 16 --seeds 0 --iterations 10 \
+    python -m bench.time_to_fidelity --threads 2                          # the real thing (hours on 2 cores)
+    python -m bench.time_to_fidelity --networks resnet20 --hidden 16 --seeds 0 --iterations 10 \
         --fast-set rec_only_iterations=20 --eval-every 5 --val-size 500 --eval-limit 200 --set compile=false
 Skips (exit 0, says why) when the data or the weights are absent.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 START = time.perf_counter()  # a child's clock: the process's start, before torch is imported
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from bench.fidelity import PRESETS, SHARED, machine  # noqa: E402
+from bench.harness import (CHECKPOINTS, CIFAR10_JPEG, PRETRAINED, ROOT, Network, emit, evaluate,  # noqa: E402
+                           fit_config, machine, skip, start_fit, train_to)
 from nern.config import PERMUTATIONS  # noqa: E402
 
-# network -> (public weights file under SHARED/pretrained, default predictor widths)
-NETWORKS: dict[str, tuple[str, list[int]]] = {
-    "resnet20": ("resnet20-12fca82f.th", [140, 180]),
-    "resnet56": ("resnet56-4bfd9763.th", [280, 320]),
-}
+# network -> default predictor widths (its public weights: bench.harness.CHECKPOINTS)
+NETWORKS: dict[str, list[int]] = {"resnet20": [140, 180], "resnet56": [280, 320]}
 
 
 def minutes() -> float:
     return (time.perf_counter() - START) / 60
 
 
-def fit_config(job: dict, preset: str, overrides: list[str]):
-    from nern.config import FitConfig, load_config
-
-    base = [f"model.arch={job['network']}", "model.shortcut=A", f"model.checkpoint={job['weights']}",
-            "data.name=imagefolder", f"data.root={job['data_root']}", f"data.val_size={job['val_size']}",
-            f"device={job['device']}", f"threads={job['threads']}", "progress=false", "eval_every=0",
-            "checkpoint_every=0", f"predictor.hidden={job['hidden']}", f"seed={job['seed']}", "compile=true"]
-    if job["eval_limit"]:
-        base.append(f"data.eval_limit={job['eval_limit']}")
-    return load_config(FitConfig, PRESETS / preset, base + job["set"] + overrides)
-
-
-def start_fit(job: dict, preset: str, overrides: list[str], out: Path):
+def job_fit(job: dict, recipe: str, overrides: list[str], out: Path):
     """The fitter and the original's accuracy, as a pipeline fit job starts (data, permutation, measure)."""
-    import torch
-
-    from nern.fit import Fitter, prepare
-
-    cfg = fit_config(job, preset, overrides)
-    torch.set_num_threads(job["threads"])
-    setup = prepare(cfg, permutation=job["permutation"] or None)
-    fitter = Fitter(cfg, setup, out)
-    return fitter, fitter.evaluate_original()
+    network = Network(job["network"], job["hidden"], job["weights"], job["data_root"], job["val_size"],
+                      job["eval_limit"], job["device"], job["threads"], job["seed"])
+    cfg = fit_config(recipe, network.overrides() + ["compile=true"] + job["set"] + overrides)
+    return start_fit(cfg, job["permutation"], out)
 
 
-def train_to(fitter, iteration: int, deadline: float | None = None) -> float:
-    """Steps until `iteration` (or until `deadline` wall minutes, checked after every step); their seconds."""
-    start = time.perf_counter()
-    while fitter.iteration < iteration and (deadline is None or minutes() < deadline):
-        fitter.step()
-    return time.perf_counter() - start
+def until(limit_minutes: float):
+    """A deadline: `limit_minutes` of wall time since the process started."""
+    return lambda: minutes() >= limit_minutes
 
 
 def fast_child(job: dict, out: Path) -> dict:
     """Evaluate at the end of the rec-only phase, then every eval_every distillation iterations; stop at the
     first evaluation within tolerance of the original on validation."""
-    fitter, original = start_fit(job, "fast.yaml", [f"iterations={job['iterations']}", "epochs=null",
-                                                    *job["fast_set"]], out)
+    fitter, original = job_fit(job, "fast", [f"iterations={job['iterations']}", "epochs=null", *job["fast_set"]], out)
     target = original["val_top1"] - job["tolerance"]
     rec_only = fitter.cfg.rec_only_iterations
     stops = sorted({rec_only, *range(rec_only + job["eval_every"], fitter.total, job["eval_every"]), fitter.total})
@@ -92,7 +67,7 @@ def fast_child(job: dict, out: Path) -> dict:
               "reached": False}
     train_seconds = eval_seconds = 0.0
     for stop in [s for s in stops if s > 0]:
-        train_seconds += train_to(fitter, stop, deadline=job["max_minutes"])
+        train_seconds += train_to(fitter, stop, deadline=until(job["max_minutes"]))
         tick = time.perf_counter()
         point = {**fitter.evaluate(), "minutes": minutes(), "distill_iterations": max(0, fitter.iteration - rec_only)}
         eval_seconds += time.perf_counter() - tick
@@ -113,12 +88,11 @@ def fast_child(job: dict, out: Path) -> dict:
 
 
 def paper_child(job: dict, out: Path) -> dict:
-    """The paper preset's own schedule, stopped after the fast fit's wall minutes and evaluated once."""
-    fitter, original = start_fit(job, "paper.yaml", job["paper_set"], out)
-    train_seconds = train_to(fitter, fitter.total, deadline=job["budget_minutes"])
+    """The paper recipe's own schedule, stopped after the fast fit's wall minutes and evaluated once."""
+    fitter, original = job_fit(job, "paper", job["paper_set"], out)
+    train_seconds = train_to(fitter, fitter.total, deadline=until(job["budget_minutes"]))
     spent = minutes()
-    point = fitter.evaluate()
-    point.setdefault("test_top1", fitter.test_top1())  # stopped by the clock before the end of its schedule
+    point = evaluate(fitter)  # stopped by the clock before the end of its schedule: test measured here
     fitter.close()
     return {"original": original, "minutes": spent, "train_seconds": train_seconds, "iterations": fitter.iteration,
             "schedule": fitter.total, "val_top1": point["val_top1"], "test_top1": point["test_top1"]}
@@ -130,17 +104,17 @@ def child(args: argparse.Namespace) -> None:
     job = json.loads(args.job)
     out = Path(args.result)
     try:
-        result = (fast_child if job["preset"] == "fast" else paper_child)(job, out.parent / f"{out.stem}_run")
+        result = (fast_child if job["recipe"] == "fast" else paper_child)(job, out.parent / f"{out.stem}_run")
     except NernError as exc:  # a diverged fit is a result too
         result = {"error": str(exc), "minutes": minutes()}
-    out.write_text(json.dumps({"preset": job["preset"], **result}))  # the job itself is in the printed config
+    out.write_text(json.dumps({"recipe": job["recipe"], **result}))  # the job itself is in the printed config
 
 
 def run_child(job: dict, out_dir: Path) -> dict:
-    name = f"{job['preset']}_{job['network']}_h{job['hidden']}_s{job['seed']}"
+    name = f"{job['recipe']}_{job['network']}_h{job['hidden']}_s{job['seed']}"
     result = out_dir / f"{name}.json"
-    subprocess.run([sys.executable, __file__, "--child", "--job", json.dumps(job), "--result", str(result)],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "bench.time_to_fidelity", "--child", "--job", json.dumps(job), "--result",
+                    str(result.resolve())], check=True, cwd=ROOT)
     return json.loads(result.read_text())
 
 
@@ -194,36 +168,35 @@ def print_table(results: list[dict]) -> None:
 
 def parent(args: argparse.Namespace) -> None:
     data = Path(args.data_root)
-    weights = {n: Path(args.weights_dir) / NETWORKS[n][0] for n in args.networks}
+    weights = {n: Path(args.weights_dir) / CHECKPOINTS[n] for n in args.networks}
     missing = [str(p) for p in [*weights.values(), data / "test"] if not p.exists()]
     if missing:
-        print(f"SKIP: {', '.join(missing)} absent")
-        print(json.dumps({"bench": "time_to_fidelity", "skipped": True}))
+        skip("time_to_fidelity", f"{', '.join(missing)} absent")
         return
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(json.dumps({"config": vars(args), "machine": machine()}), flush=True)
+    print(json.dumps({"config": vars(args), "machine": machine(args.device)}), flush=True)
     results, permute_seconds = [], {}
     for network in args.networks:
         permutation, permute_seconds[network] = permutation_file(args, network, weights[network], out_dir)
-        for hidden in args.hidden or NETWORKS[network][1]:
+        for hidden in args.hidden or NETWORKS[network]:
             for seed in args.seeds:
                 job = {"network": network, "weights": str(weights[network]), "hidden": hidden, "seed": seed,
                        "permutation": permutation, "data_root": str(data), "val_size": args.val_size,
                        "eval_limit": args.eval_limit, "device": args.device, "threads": args.threads,
                        "set": args.set, "tolerance": args.tolerance}
-                fast = run_child({**job, "preset": "fast", "iterations": args.iterations, "fast_set": args.fast_set,
+                fast = run_child({**job, "recipe": "fast", "iterations": args.iterations, "fast_set": args.fast_set,
                                   "eval_every": args.eval_every, "max_minutes": args.max_minutes}, out_dir)
                 row = {"network": network, "hidden": hidden, "seed": seed, "fast": fast}
                 if not args.no_paper and seed in (args.paper_seeds or args.seeds) and "error" not in fast:
-                    row["paper"] = run_child({**job, "preset": "paper", "paper_set": args.paper_set,
+                    row["paper"] = run_child({**job, "recipe": "paper", "paper_set": args.paper_set,
                                               "budget_minutes": fast["minutes"]}, out_dir)
                 results.append(row)
     print_table(results)
     print(f"(minutes: wall, from the fit process's start; permutations computed beforehand: "
           + ", ".join(f"{n} {s:.0f} s" for n, s in permute_seconds.items()) + ")")
-    print(json.dumps({"bench": "time_to_fidelity", "machine": machine(), "tolerance": args.tolerance,
-                      "permute_seconds": permute_seconds, "summary": summary(results), "results": results}))
+    emit("time_to_fidelity", machine=machine(args.device), tolerance=args.tolerance, permute_seconds=permute_seconds,
+         summary=summary(results), results=results)
 
 
 def comma_list(kind: type):
@@ -246,14 +219,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", action="append", default=[],
-                   help="override for both presets' fits, e.g. compile=false (compile=true by default)")
+                   help="override for both recipes' fits, e.g. compile=false (compile=true by default)")
     p.add_argument("--fast-set", action="append", default=[], help="override for the fast fits only")
     p.add_argument("--paper-set", action="append", default=[], help="override for the paper fits only")
-    p.add_argument("--no-paper", action="store_true", help="skip the paper preset's fits")
+    p.add_argument("--no-paper", action="store_true", help="skip the paper recipe's fits")
     p.add_argument("--paper-seeds", type=comma_list(int), default=None,
-                   help="run the paper preset beside these seeds only (default: every seed)")
-    p.add_argument("--data-root", default=str(SHARED / "cifar10-jpeg"))
-    p.add_argument("--weights-dir", default=str(SHARED / "pretrained"))
+                   help="run the paper recipe beside these seeds only (default: every seed)")
+    p.add_argument("--data-root", default=str(CIFAR10_JPEG))
+    p.add_argument("--weights-dir", default=str(PRETRAINED))
     p.add_argument("--out", default="benchmarks/time_to_fidelity")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--job", help=argparse.SUPPRESS)

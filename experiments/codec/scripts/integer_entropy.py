@@ -5,7 +5,7 @@ A fit through learnt-step quantisers (predictor.quantise_bits) stores integers t
 were peaked, an arithmetic coder would beat zstd by a wide margin and the file's bytes would not be
 params x bits / 8. This prints the bound so that choice is measured, not guessed.
 
-    python bench/integer_entropy.py results/.../predictor.safetensors [more.safetensors ...]
+    python experiments/codec/scripts/integer_entropy.py results/.../predictor.safetensors [more.safetensors ...]
 Prints a table per file and ONE JSON line per file.
 """
 
@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from nern import codec  # noqa: E402
-from nern.artifacts import load_tensors  # noqa: E402
-from nern.predictor_file import fitted_steps  # noqa: E402
+from nern import codec
+from nern.artifacts import load_tensors
+from nern.predictor_file import fitted_steps
 
 
 def entropy_bits(values: np.ndarray) -> float:

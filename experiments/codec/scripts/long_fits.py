@@ -11,7 +11,8 @@ Every fit's predictor (its config travels in the file's metadata), metrics and l
 --out, to be compressed and measured on the full test set by `nern compress` elsewhere (the accuracy a user gets is
 that of the file).
 
-    python bench/long_fits.py --model M --permutation P --data-root DIR --out DIR --budget-seconds 330
+    python experiments/codec/scripts/long_fits.py --model M --permutation P --data-root DIR --out DIR \
+        --budget-seconds 330
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import tarfile
 import time
 from pathlib import Path
 
-BASE_REC_ONLY = 4800  # the fast preset's reconstruction-only steps
+BASE_REC_ONLY = 4800  # the fast recipe's reconstruction-only steps
 BASE_ITERATIONS = 1500  # distillation iterations of the codec sweeps' quantised fits
 
 COMMON = ["--set", "predictor.quantise_bits=4", "--set", "tune_verbatim=true", "--set", "optim.step_lr_scale=10"]
@@ -53,7 +54,7 @@ for _seed in (0, 1, 2, 3):
 
 def fit_command(args: argparse.Namespace, name: str, scale: float, out: Path) -> list[str]:
     rec, its = max(1, round(BASE_REC_ONLY * scale)), max(1, round(BASE_ITERATIONS * scale))
-    return [sys.executable, "-m", "nern", "fit", "--config", "config/presets/fast.yaml",
+    return [sys.executable, "-m", "nern", "fit", "--config", "config/recipes/fast.yaml",
             "--model", args.model, "--permutation", args.permutation,
             "--set", "data.name=imagefolder", "--set", f"data.root={args.data_root}", "--set", "data.val_size=5000",
             "--set", "eval_every=0", "--set", "checkpoint_every=1000", "--set", f"rec_only_iterations={rec}",

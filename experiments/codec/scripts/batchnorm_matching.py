@@ -1,7 +1,8 @@
 """Zero-byte BatchNorm statistics matching, measured: does re-aligning each BatchNorm's output statistics of a
 NeRN file's rebuilt network with the original's (on unlabelled train images) recover accuracy for free?
 
-    python bench/batchnorm_matching.py NERN.nernz ORIGINAL.nernz --data-root ../shared/data/cifar10-jpeg
+    python experiments/codec/scripts/batchnorm_matching.py NERN.nernz ORIGINAL.nernz \
+        --data-root ../shared/data/cifar10-jpeg
 
 Both files are `nern compress` outputs (a NeRN file and an original-network file, e.g. its fp16 one). For each
 BatchNorm in forward order, the per-channel mean (mode "mean") or mean and std ("meanstd") of its output on the
@@ -13,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nern import data as D  # noqa: E402
-from nern import network_files as NF  # noqa: E402
-from nern.config import DataConfig  # noqa: E402
-from nern.evaluate import top_k_accuracy  # noqa: E402
+from nern import data as D
+from nern import network_files as NF
+from nern.config import DataConfig
+from nern.evaluate import top_k_accuracy
 
 
 def top1(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, info: D.DatasetInfo) -> float:

@@ -1,7 +1,8 @@
 """One markdown table over fits measured as files: each fit directory holds `nern fit`'s metrics.json and
 predictor.safetensors, and `nern compress`'s output under compress/ (the accuracy of the file read back).
 
-    python bench/long_fits_table.py LABEL=DIR [LABEL=DIR ...] [--precision int4] [--group "fmd weight,KD T"]
+    python experiments/codec/scripts/long_fits_table.py LABEL=DIR [LABEL=DIR ...] [--precision int4] \
+        [--group "fmd weight,KD T"]
 
 --group adds a second table: per setting (the named columns), how many fits and the mean +- sd (n-1) of the
 accuracies, so that settings are compared over seeds, not by their luckiest draw.
@@ -11,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nern.artifacts import read_metadata  # noqa: E402
-from nern.table_format import to_markdown  # noqa: E402
+from nern.artifacts import read_metadata
+from nern.table_format import to_markdown
 
 
 def row(label: str, fit_dir: Path, precision: str | None) -> dict:
