@@ -3,6 +3,8 @@
 #   snakemake --profile workflow/profiles/local                                # config.yaml (default)
 #   snakemake --profile workflow/profiles/local --configfile config/test.yaml  # the CI smoke preset
 #   snakemake --profile workflow/profiles/slurm --configfile config/paper.yaml # the paper's grid
+#   snakemake ... --configfile config/cifar10-codec.yaml experiments/codec/cifar10-codec-fmd.yaml  # a past sweep
+# A preset is a whole config (config.yaml, config/*.yaml); a fit recipe is one fit's settings (config/recipes/).
 # Every rule calls the `nern` CLI; the method lives in the nern package, not here.
 
 from snakemake.utils import min_version, validate

@@ -100,7 +100,7 @@ class PredictorConfig:
     hidden: int = 180
     depth: int = 5
     init: Literal["default", "variance"] = "default"
-    normalize_targets: bool = False  # fast preset: predict per-layer standardised kernels, store scales
+    normalize_targets: bool = False  # fast recipe: predict per-layer standardised kernels, store scales
     # fit through learnt-step quantisers (nern.qat) from the first step: the predictor's Linear weights are
     # `quantise_bits`-bit integers times one step per row, stored exactly so by `nern compress` (int<bits>).
     # Post-training quantisation below 8 bits destroys a fitted predictor; a fit that sees the rounding does not
@@ -117,7 +117,7 @@ class LossConfig:
     warmup: int = 0
     temperature: float = 1.0
     # raw: the paper's RMSE over all weights, dominated by the layers with the largest weights; normalized:
-    # each layer's error in units of its own weight std (fast preset), so small-weight layers are learnt too
+    # each layer's error in units of its own weight std (fast recipe), so small-weight layers are learnt too
     rec_space: Literal["raw", "normalized"] = "raw"
     # Not the paper's: the student's cross-entropy on the task's labels, weighted like kd/fmd (same schedule).
     # 0 keeps NeRN label-free, as published; > 0 needs labelled images (not data_free).
@@ -175,7 +175,7 @@ class FitConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     iterations: int | None = 600
     epochs: float | None = None
-    # Reconstruction-only steps BEFORE the distillation schedule (fast preset): no images, so each is a few times
+    # Reconstruction-only steps BEFORE the distillation schedule (fast recipe): no images, so each is a few times
     # cheaper than an iteration; they have their own cosine schedule (peak optim.rec_only_lr), and the optimiser
     # state is reset when distillation starts. `iterations`/`epochs` count the distillation schedule only.
     rec_only_iterations: int = 0

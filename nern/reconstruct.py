@@ -25,7 +25,7 @@ class Representation:
     layers: list[ConvLayer]
     positions: list[torch.Tensor]
     kernel_size: int = 3
-    scales: torch.Tensor | None = None  # one scalar per layer (fast preset), else None
+    scales: torch.Tensor | None = None  # one scalar per layer (fast recipe), else None
     # verbatim tensors (by parameter name) that replace the original's in the reconstructed network: those a fit
     # with tune_verbatim trained (BatchNorm affine, FC, ...); empty: the original's own, as in the paper
     tuned: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -186,7 +186,8 @@ def test_a_merged_setting_out_of_range_names_the_job() -> None:
 
 @pytest.mark.parametrize("change,needle", [
     (lambda n: n.update(fit_per_recipe={"papr": {}}), r"networks\[net\]\.fit_per_recipe\.papr: fit recipe 'papr'"),
-    (lambda n: n["grid"].update(fit_recipes=["fast", "slow"]), r"networks\[net\]\.grid\.fit_recipes: fit recipe 'slow'"),
+    (lambda n: n["grid"].update(fit_recipes=["fast", "slow"]),
+     r"networks\[net\]\.grid\.fit_recipes: fit recipe 'slow'"),
     (lambda n: n["grid"].update(extra=[{"fit_recipes": ["slow"]}]),
      r"networks\[net\]\.grid\.extra\[0\]\.fit_recipes: fit recipe 'slow'"),
     (lambda n: n.update(fit_per_recipe={"paper": {"represent.max_kernel": 1}}),
@@ -202,9 +203,12 @@ def test_network_consistency_the_schema_cannot_express(change, needle: str) -> N
 
 
 @pytest.mark.parametrize("change,needle", [
-    (lambda c: c.update(fit_presets=c.pop("fit_recipes")), r"^fit_presets is now fit_recipes \(fit recipes live in config/recipes/\); rename the key$"),
-    (lambda c: c["networks"][0].update(fit_per_preset={"paper": {}}), r"^networks\[net\]\.fit_per_preset is now fit_per_recipe; "),
-    (lambda c: c["networks"][0]["grid"].update(fit_presets=["fast"]), r"^networks\[net\]\.grid\.fit_presets is now grid\.fit_recipes; "),
+    (lambda c: c.update(fit_presets=c.pop("fit_recipes")),
+     r"^fit_presets is now fit_recipes \(fit recipes live in config/recipes/\); rename the key$"),
+    (lambda c: c["networks"][0].update(fit_per_preset={"paper": {}}),
+     r"^networks\[net\]\.fit_per_preset is now fit_per_recipe; "),
+    (lambda c: c["networks"][0]["grid"].update(fit_presets=["fast"]),
+     r"^networks\[net\]\.grid\.fit_presets is now grid\.fit_recipes; "),
     (lambda c: c["networks"][0]["grid"].update(extra=[{"fit_presets": ["fast"]}]),
      r"^networks\[net\]\.grid\.extra\[\]\.fit_presets is now grid\.extra\[\]\.fit_recipes; "),
     (lambda c: c["networks"][0]["reference"].update(fit_preset="fast"),

@@ -96,7 +96,7 @@ def _pixel_space(x: torch.Tensor, info) -> torch.Tensor:
 
 
 def test_data_free_noise_is_the_same_pixel_noise_whatever_the_network_expects():
-    """METHOD.md 7: U[-2, 2] in the standard normalised space; a raw-pixel network gets it in its own units."""
+    """docs/METHOD.md §7: U[-2, 2] in the standard normalised space; a raw-pixel network gets it in its own units."""
     standard = dataset_info(DataConfig(name="cifar10"))
     raw = dataset_info(DataConfig(name="cifar10", input_range=255, mean=[0, 0, 0], std=[1, 1, 1]))
     a, b = NoiseStream(standard, 16, seed=3).next()[0], NoiseStream(raw, 16, seed=3).next()[0]

@@ -1,7 +1,8 @@
 # Stage 8 (application): weight importance from NeRN's reconstruction error (nern/importance.py): error maps
 # per layer, and the ORIGINAL network pruned by NeRN error vs magnitude vs at random (no fine-tuning).
 # Outputs live beside the fit (the application helpers are in common.smk):
-#   results/<preset>/<net>/<fit dir>/importance/{importance.csv,importance.md,pruning.png,error_maps.png,kernels.png,...}
+#   results/<preset>/<net>/<fit dir>/importance/{importance.csv,importance.md,pruning.png,error_maps.png,kernels.png,
+#                                               metrics.json}
 
 
 def importance_outputs():

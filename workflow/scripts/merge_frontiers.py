@@ -1,9 +1,10 @@
-"""One accuracy-vs-bytes front over several recorded runs (docs/results/<preset>/tables/rate_distortion.csv).
+"""One accuracy-vs-bytes front over several recorded runs (<record>/tables/rate_distortion.csv, e.g. the codec
+sweeps' records experiments/codec/<name>/ or a preset's docs/results/<name>/).
 
-    python workflow/scripts/merge_frontiers.py docs/results/cifar10-codec*/ --network cifar10-resnet20 \
+    python workflow/scripts/merge_frontiers.py experiments/codec/cifar10-codec-*/ --network cifar10-resnet20 \
         --out docs/measurements/codec/frontier [--max-bytes 300000] [--target 50000:80.03 --target 100000:80.73]
 
-Each run's rows keep their fit name, prefixed by the run's preset; the original network's files (its intN and
+Each run's rows keep their fit name, prefixed by the run's record directory (its preset's name); the original network's files (its intN and
 NNCodec baselines, the same in every run of one network) are kept once, from the first run that has them. The
 front is recomputed over the merged rows. Writes <out>.csv (every row, `pareto` marked), <out>.md (the front)
 and <out>.png (NeRN's own files by width, the original's codecs, the front, each target as the corner a file must
@@ -90,7 +91,7 @@ def plot_front(rows: pd.DataFrame, targets: list[tuple[int, float]], title: str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="docs/results/<preset>/ directories")
+    parser.add_argument("runs", nargs="+", type=Path, help="recorded runs' directories (record_run.py's --out)")
     parser.add_argument("--network", required=True)
     parser.add_argument("--out", required=True, type=Path, help="path without suffix")
     parser.add_argument("--max-bytes", type=int, help="leave out files larger than this")
