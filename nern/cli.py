@@ -92,7 +92,7 @@ def _imported_accuracy(model: Any, cfg: PretrainConfig) -> dict[str, Any]:
     from nern import data as data_mod
     from nern.evaluate import top_k_accuracy
 
-    splits = data_mod.build_splits(cfg.data, seed=cfg.seed)
+    splits = data_mod.build_splits(cfg.data)
     data_mod.check_compatible(splits.test.info, cfg.model.in_channels)
     test = top_k_accuracy(model, data_mod.eval_batches(splits.test, cfg.data.eval_batch_size), _ks(cfg), cfg.device)
     metrics: dict[str, Any] = {"test_top1": test["top1"], "original_top1": test["top1"], "source": cfg.model.checkpoint}
@@ -186,7 +186,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     fit_cfg = load_config(FitConfig, base=read_metadata(args.predictor).get("config", {}))
     weights = decode_weights(predictor, rep, fit_cfg)
     rebuilt = reconstructed_model(model, rep, weights)
-    splits = data_mod.build_splits(cfg.data, seed=cfg.seed)
+    splits = data_mod.build_splits(cfg.data)
     batches = lambda: data_mod.eval_batches(splits.test, cfg.data.eval_batch_size)  # noqa: E731
     original = top_k_accuracy(model, batches(), _ks(cfg), cfg.device)
     recon = top_k_accuracy(rebuilt, batches(), _ks(cfg), cfg.device)

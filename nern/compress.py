@@ -48,7 +48,8 @@ from nern.fit import Fitter
 from nern.fit_setup import prepare
 from nern.layers import ConvLayer, conv_weights
 from nern.losses import reconstruction_loss
-from nern.measure import pareto_front, split_top1
+from nern.evaluate import Predictions
+from nern.measure import pareto_front, split_fidelity, split_predictions
 from nern.network_files import (
     encode_network,
     encode_nern,
@@ -213,6 +214,7 @@ class Bench:
     originals: list[torch.Tensor]
     layers: list[ConvLayer]
     bar: Any
+    original: Predictions  # the original network's on the test set: each file is measured against it
 
     def measure(self, enc: Encoded, row: dict[str, Any]) -> dict[str, Any]:
         """Write the file, read it back into a fresh network, measure accuracy there."""
@@ -239,7 +241,9 @@ class Bench:
                paths: list[Path]) -> dict[str, Any]:
         rebuilt = conv_weights(network, self.layers)
         rmse = reconstruction_loss([w.float() for w in rebuilt], [o.float() for o in self.originals])
-        row = {**row, **sizes, "top1": _accuracy(network, self.splits, self.cfg), "rec_rmse": float(rmse)}
+        fidelity = split_fidelity(self.original, network.to(self.cfg.device).eval(), self.splits.test,
+                                  self.cfg.data.eval_batch_size, self.cfg.device)
+        row = {**row, **sizes, **fidelity, "rec_rmse": float(rmse)}
         if not self.opts.keep_files:
             for path in paths:
                 path.unlink()
@@ -258,8 +262,8 @@ def default_finetune_iterations(cfg: FitConfig, splits: Any) -> int:
     return int(min(2000, max(10, round(0.05 * fit_iterations(cfg, splits)))))
 
 
-def _accuracy(network: nn.Module, splits: Any, cfg: FitConfig) -> float:
-    return split_top1(network.to(cfg.device).eval(), splits.test, cfg.data.eval_batch_size, cfg.device)
+def test_predictions(network: nn.Module, splits: Any, cfg: FitConfig) -> Predictions:
+    return split_predictions(network.to(cfg.device).eval(), splits.test, cfg.data.eval_batch_size, cfg.device)
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -316,9 +320,10 @@ def run_compress(model: nn.Module, predictor: Predictor, rep: Representation, cf
     iterations = opts.finetune_iterations or default_finetune_iterations(cfg, splits)
     qat_iterations = opts.qat_iterations or default_qat_iterations(cfg, splits)
     lr = opts.finetune_lr or cfg.optim.lr / 5
-    original_top1 = _accuracy(model, splits, cfg)
+    original = test_predictions(model, splits, cfg)
+    original_top1 = original.top1()
     bar = tqdm(total=count_files(opts), desc="compress", disable=not cfg.progress, dynamic_ncols=True)
-    bench = Bench(out / "files", opts, splits, cfg, originals, rep.layers, bar)
+    bench = Bench(out / "files", opts, splits, cfg, originals, rep.layers, bar, original)
     schedule = FineTunes(iterations, qat_iterations, lr, out)
     rows = (nern_rows(bench, model, predictor, rep, schedule, fitted_steps or {}) + qat_rows(bench, model, predictor, rep, schedule)
             + nern_nnc_rows(bench, model, predictor, rep) + baseline_rows(bench, model)
@@ -475,6 +480,7 @@ def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 TABLE_COLUMNS = {"representation": "representation", "sparsity": "sparsity", "scope": "scope",
                  "finetune": "fine-tune", "precision": "precision", "bytes": "bytes on disk",
                  "ratio_vs_original_fp32": "ratio vs original fp32", "top1": "top-1", "delta_top1": "Δ top-1",
+                 "agreement": "agreement", "kl_to_original": "KL to original",
                  "predictor_bytes": "predictor bytes", "verbatim_bytes": "verbatim bytes",
                  "permutation_bytes": "permutation bytes", "weights_bytes": "weights bytes",
                  "nnc_bytes": "NNCodec bytes"}

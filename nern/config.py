@@ -63,6 +63,7 @@ class DataConfig:
     batch_size: int = 256
     eval_batch_size: int = 500
     val_size: int = 5000
+    split_seed: int = 0  # which train images are the validation split: fixed per data set, not per fit seed
     augment: bool = True
     workers: int = 0
     download: bool = True

@@ -428,8 +428,10 @@ def _subset(dataset: ImageSet | FolderSet, indices: torch.Tensor | None) -> Imag
     return ImageSet(dataset.images[indices], dataset.labels[indices], dataset.info)
 
 
-def build_splits(cfg: DataConfig, seed: int) -> Splits:
-    """train / val / test; val is `cfg.val_size` train images chosen by `seed`, `cfg.eval_limit` trims val and test."""
+def build_splits(cfg: DataConfig) -> Splits:
+    """train / val / test; val is `cfg.val_size` train images chosen by `cfg.split_seed`, never by a fit's or a
+    pretraining's seed, so every seed and stage of a network sees the same validation images (docs/PROTOCOL.md);
+    `cfg.eval_limit` trims val and test."""
     info = dataset_info(cfg)
     if cfg.name == "imagenet":
         full: ImageSet | FolderSet = FolderSet(scan_image_folder(Path(cfg.root) / "train")[1], info)
@@ -437,7 +439,7 @@ def build_splits(cfg: DataConfig, seed: int) -> Splits:
     else:
         full = ImageSet(*load_arrays(cfg, "train"), info)
         test = ImageSet(*load_arrays(cfg, "test"), info)
-    train_idx, val_idx = _val_indices(len(full), cfg.val_size, seed)
+    train_idx, val_idx = _val_indices(len(full), cfg.val_size, cfg.split_seed)
     train = _subset(full, train_idx)
     val = _subset(full, val_idx)
     val = _subset(val, _limit_indices(len(val), cfg.eval_limit)) if cfg.val_size else None  # 0: no split

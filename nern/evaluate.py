@@ -44,8 +44,12 @@ class Predictions:
     logits: torch.Tensor  # [N, classes], float32 on the CPU
     labels: torch.Tensor  # [N]
 
+    def classes(self) -> torch.Tensor:
+        """The predicted class of each image, as top-k accuracy picks it (`topk`, so ties break the same way)."""
+        return self.logits.topk(1, dim=1).indices[:, 0]
+
     def top1(self) -> float:
-        return 100.0 * float((self.logits.argmax(dim=1) == self.labels).float().mean())
+        return 100.0 * int((self.classes() == self.labels).sum()) / self.labels.numel()
 
 
 @torch.no_grad()
@@ -66,7 +70,7 @@ def agreement(original: Predictions, other: Predictions) -> dict[str, float]:
     top-1 alone cannot tell a reconstruction from a fine-tuned network; these can."""
     if original.logits.shape != other.logits.shape or not torch.equal(original.labels, other.labels):
         raise ValueError("agreement needs both networks' predictions on the same images, in the same order")
-    same = original.logits.argmax(dim=1) == other.logits.argmax(dim=1)
+    same = original.classes() == other.classes()
     log_p = torch.log_softmax(original.logits.double(), dim=1)
     log_q = torch.log_softmax(other.logits.double(), dim=1)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=1).clamp_min(0.0)

@@ -154,6 +154,10 @@ def fit_metrics(fitter: Fitter, history: History, resumed: bool) -> dict[str, An
         "original_val_top1": fitter.original_acc.get("val_top1"),
         "reconstructed_top1": final["test_top1"],
         "reconstructed_val_top1": final.get("val_top1"),
+        "agreement": final["test_agreement"],  # with the original, on the test set (docs/PROTOCOL.md)
+        "kl_to_original": final["test_kl_to_original"],
+        "val_agreement": final.get("val_agreement"),
+        "val_kl_to_original": final.get("val_kl_to_original"),
         "rec_rmse": final["rec_rmse"],
         **sizes,
         "permutation": s.permutation_mode,

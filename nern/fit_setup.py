@@ -57,7 +57,7 @@ def prepare(cfg: FitConfig, model: nn.Module | None = None, permutation: str | l
     targets = weights_to_kernels(originals, rep.kernel_size)
     embeddings = rep.embeddings(cfg.embedding.levels, cfg.embedding.base).to(cfg.device)
     if splits is None:
-        splits = data_mod.build_splits(cfg.data, seed=cfg.seed)
+        splits = data_mod.build_splits(cfg.data)
     data_mod.check_compatible(splits.test.info, _in_channels(model))
     return FitSetup(model, rep, originals, targets, embeddings, splits, mode, perm_bytes)
 

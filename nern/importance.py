@@ -33,7 +33,8 @@ from nern.artifacts import atomic_path, write_json
 from nern.config import FitConfig, flatten, to_dict
 from nern.errors import NernError
 from nern.layers import ConvLayer, conv_weights
-from nern.measure import split_top1
+from nern.evaluate import Predictions, agreement
+from nern.measure import split_predictions
 from nern.plots import pyplot, save_figure
 from nern.predictor_file import NON_RESULT_KEYS, decode_weights
 from nern.pruning import lowest_score_masks
@@ -173,45 +174,50 @@ def check_options(opts: ImportanceOptions) -> None:
         raise NernError("--random-seeds must be at least 1")
 
 
-def _accuracy(model: nn.Module, rep: Representation, weights: list[torch.Tensor] | None, splits: Any,
-              cfg: FitConfig) -> float:
+def _predictions(model: nn.Module, rep: Representation, weights: list[torch.Tensor] | None, splits: Any,
+                 cfg: FitConfig) -> Predictions:
+    """The original (weights None) or the network with these conv weights on the test set."""
     model = model.to(cfg.device).eval()
     if weights is None:
         forward = model
     else:
         on_device = [w.to(cfg.device) for w in weights]
         forward = lambda x: run_reconstructed(model, rep, on_device, x)  # noqa: E731
-    return split_top1(forward, splits.test, cfg.data.eval_batch_size, cfg.device)
+    return split_predictions(forward, splits.test, cfg.data.eval_batch_size, cfg.device)
 
 
 def pruning_curves(model: nn.Module, rep: Representation, originals: list[torch.Tensor], errors: list[LayerErrors],
-                   splits: Any, cfg: FitConfig, opts: ImportanceOptions, original_top1: float) -> list[dict[str, Any]]:
-    """Accuracy of the original network pruned by each method, granularity and sparsity (no fine-tuning)."""
+                   splits: Any, cfg: FitConfig, opts: ImportanceOptions, original: Predictions) -> list[dict[str, Any]]:
+    """Accuracy of the original network pruned by each method, granularity and sparsity (no fine-tuning), and its
+    agreement with the unpruned original."""
+    original_top1 = original.top1()
     cpu = [o.detach().float().cpu() for o in originals]
     jobs = [(g, m, s) for g in opts.granularities for s in sorted(set(opts.sparsities)) for m in opts.methods]
     rows = []
     for granularity, method, sparsity in tqdm(jobs, desc="importance", disable=not cfg.progress, dynamic_ncols=True):
         if sparsity == 0:
-            rows.append(_row(granularity, method, 0.0, [original_top1], 0.0, 1.0, original_top1))
+            rows.append(_row(granularity, method, 0.0, [original_top1], [100.0], 0.0, 1.0, original_top1))
             continue
         seeds = range(opts.random_seeds) if method == "random" else [0]
         reference = pruning_masks("magnitude", granularity, sparsity, cpu, errors)
-        accs, achieved, agree = [], 0.0, 0.0
+        accs, agreements, achieved, agree = [], [], 0.0, 0.0
         for seed in seeds:
             masks = pruning_masks(method, granularity, sparsity, cpu, errors, seed=cfg.seed + seed)
-            accs.append(_accuracy(model, rep, [o * m for o, m in zip(cpu, masks)], splits, cfg))
+            pruned = _predictions(model, rep, [o * m for o, m in zip(cpu, masks)], splits, cfg)
+            accs.append(pruned.top1())
+            agreements.append(agreement(original, pruned)["agreement"])
             achieved, agree = pruned_fraction(masks), overlap(masks, reference)
-        rows.append(_row(granularity, method, sparsity, accs, achieved, agree, original_top1))
+        rows.append(_row(granularity, method, sparsity, accs, agreements, achieved, agree, original_top1))
     return rows
 
 
-def _row(granularity: str, method: str, sparsity: float, accs: list[float], achieved: float, agree: float,
-         original_top1: float) -> dict[str, Any]:
+def _row(granularity: str, method: str, sparsity: float, accs: list[float], agreements: list[float], achieved: float,
+         agree: float, original_top1: float) -> dict[str, Any]:
     mean = sum(accs) / len(accs)
     std = (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5
     return {"granularity": granularity, "method": method, "sparsity": sparsity, "top1": mean, "top1_std": std,
-            "seeds": len(accs), "delta_top1": mean - original_top1, "achieved_sparsity": achieved,
-            "overlap_with_magnitude": agree}
+            "seeds": len(accs), "delta_top1": mean - original_top1, "agreement": sum(agreements) / len(agreements),
+            "achieved_sparsity": achieved, "overlap_with_magnitude": agree}
 
 
 def layer_summary(errors: list[LayerErrors], originals: list[torch.Tensor]) -> list[dict[str, Any]]:
@@ -235,11 +241,12 @@ def run_importance(model: nn.Module, rep: Representation, reconstructed: list[to
     start = time.perf_counter()
     originals = conv_weights(model, rep.layers)
     errors = error_maps(originals, reconstructed, rep.layers)
-    original_top1 = _accuracy(model, rep, None, splits, cfg)
-    reconstructed_top1 = _accuracy(model, rep, reconstructed, splits, cfg)
-    rows = pruning_curves(model, rep, originals, errors, splits, cfg, opts, original_top1)
+    original = _predictions(model, rep, None, splits, cfg)
+    rebuilt = _predictions(model, rep, reconstructed, splits, cfg)
+    rows = pruning_curves(model, rep, originals, errors, splits, cfg, opts, original)
     layers = layer_summary(errors, originals)
-    metrics = summary_metrics(rows, layers, original_top1, reconstructed_top1, time.perf_counter() - start)
+    metrics = summary_metrics(rows, layers, original.top1(), rebuilt.top1(), time.perf_counter() - start)
+    metrics.update(agreement(original, rebuilt))  # the reconstruction's, beside reconstructed_top1
     write_outputs(out, rows, metrics, errors, originals, reconstructed, opts)
     return rows, metrics
 

@@ -118,7 +118,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, model: nn.Module | Non
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = (model if model is not None else starting_model(cfg)).to(cfg.device)
-    splits = splits or data_mod.build_splits(cfg.data, seed=cfg.seed)
+    splits = splits or data_mod.build_splits(cfg.data)
     data_mod.check_compatible(splits.train.info, cfg.model.in_channels)
     task = Pretraining(cfg, model, splits)
     remove_stale_temporaries(out, [CHECKPOINT_FILE, MODEL_FILE, METRICS_FILE, CURVES_FILE, "curves.png"])

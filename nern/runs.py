@@ -168,6 +168,6 @@ def load_fitted(args: argparse.Namespace) -> tuple[FitConfig, nn.Module, Predict
     predictor, rep, fitted = load_predictor(args.predictor, model)
     # how to decode is the file's business: --set may change data or device, never the representation
     cfg = dataclasses.replace(cfg, embedding=fitted.embedding, predictor=fitted.predictor, represent=fitted.represent)
-    splits = data_mod.build_splits(cfg.data, seed=cfg.seed)
+    splits = data_mod.build_splits(cfg.data)
     data_mod.check_compatible(splits.test.info, cfg.model.in_channels)
     return cfg, model, predictor, rep, splits

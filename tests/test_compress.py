@@ -292,7 +292,7 @@ def test_finetune_keeps_the_mask_and_changes_the_rest(fitted_resnet8, tmp_path):
     model = load_model(cfg.model)
     predictor, rep, saved = load_predictor(fitted_resnet8["predictor"], model)
     pruned, masks = pruning.pruned_predictor(predictor, 0.7, "global")
-    splits = build_splits(saved.data, seed=saved.seed)
+    splits = build_splits(saved.data)
     for data_free in (False, True):
         tuned = C.finetune_pruned(pruned, masks, saved, model, rep, splits, 3, 1e-3, data_free, tmp_path)
         params, before = dict(tuned.named_parameters()), dict(pruned.named_parameters())
@@ -324,7 +324,7 @@ def test_compress_stage_measures_every_row_on_the_file_read_back(fitted_resnet8,
     assert len(nern_rows) == (1 + 2) * 2 and len(rows) == len(nern_rows) + 2 * 2
     metrics = json.loads((out / "metrics.json").read_text())
     cfg = load_config(FitConfig, base={"data": fitted_resnet8["data"]})
-    splits = build_splits(cfg.data, seed=0)
+    splits = build_splits(cfg.data)
     for row in rows:
         path = out / "files" / row["file"]
         assert int(row["bytes"]) == path.stat().st_size

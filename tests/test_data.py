@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import warnings
 from pathlib import Path
 
@@ -139,7 +141,7 @@ def test_val_is_carved_from_train_disjointly_and_test_is_untouched(tmp_path: Pat
     monkeypatch.setenv("NERN_CACHE_DIR", str(tmp_path / "cache"))
     _write_image_folder(tmp_path / "data", {"train": 10, "test": 4})
     cfg = DataConfig(name="imagefolder", root=str(tmp_path / "data"), val_size=5, eval_limit=6)
-    splits = build_splits(cfg, seed=0)
+    splits = build_splits(cfg)
     tags = {name: {tuple(img[:, 0, 0].tolist()) for img in getattr(splits, name).images} for name in ("train", "val", "test")}
     assert len(splits.train) == 15 and len(splits.val) == 5 and len(splits.test) == 6
     assert not tags["train"] & tags["val"] and len(tags["train"] | tags["val"]) == 20
@@ -149,9 +151,9 @@ def test_val_is_carved_from_train_disjointly_and_test_is_untouched(tmp_path: Pat
     assert torch.equal(torch.cat([splits.train.images, splits.val.images]).sort(0).values,
                        cached["images"].sort(0).values) and meta["classes"] == ["class0", "class1"]
     monkeypatch.setattr(data_mod, "_decode_all", _no_decoding)
-    again = build_splits(cfg, seed=0)  # served from the cache: decoding would fail
+    again = build_splits(cfg)  # served from the cache: decoding would fail
     assert torch.equal(again.val.images, splits.val.images)
-    assert not torch.equal(build_splits(cfg, seed=1).val.images, splits.val.images)
+    assert not torch.equal(build_splits(dataclasses.replace(cfg, split_seed=1)).val.images, splits.val.images)
 
 
 def _no_decoding(*args, **kwargs):
@@ -208,7 +210,7 @@ def test_grey_data_into_an_rgb_model_is_refused() -> None:
 def test_streaming_batches_resume_exactly(tmp_path: Path) -> None:
     _write_image_folder(tmp_path, {"train": 6, "val": 2}, size=12)
     cfg = DataConfig(name="imagenet", root=str(tmp_path), batch_size=4, val_size=2)
-    splits = build_splits(cfg, seed=0)
+    splits = build_splits(cfg)
     assert len(splits.train) == 10 and len(splits.test) == 4
     stream = train_stream(cfg, 0, splits.train)
     assert isinstance(stream, StreamingBatches)

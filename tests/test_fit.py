@@ -341,9 +341,9 @@ def _image_counts(images: torch.Tensor) -> collections.Counter:
 
 def test_splits_validation_is_carved_from_train(fashion_mnist_root):
     """val is val_size images of the TRAIN split, disjoint from the training subset (the two together are the
-    train split exactly, duplicates counted), chosen by the seed; the test set is the test split's."""
+    train split exactly, duplicates counted), chosen by data.split_seed; the test set is the test split's."""
     cfg = DataConfig(**tiny_data(fashion_mnist_root))
-    splits = build_splits(cfg, seed=0)
+    splits = build_splits(cfg)
     assert len(splits.val) == 500 and len(splits.test) == 500
     train_split, train_labels = load_arrays(cfg, "train")
     full = _image_counts(train_split)
@@ -354,9 +354,9 @@ def test_splits_validation_is_carved_from_train(fashion_mnist_root):
     test_split = _image_counts(load_arrays(cfg, "test")[0])
     assert not _image_counts(splits.test.images) - test_split  # test images come from the test split
     assert not val & test_split  # Fashion-MNIST repeats no image between its splits
-    again = build_splits(cfg, seed=0)
+    again = build_splits(cfg)
     assert torch.equal(again.val.images, splits.val.images) and torch.equal(again.train.images, splits.train.images)
-    other = build_splits(cfg, seed=1)
+    other = build_splits(replace(cfg, split_seed=1))
     assert _image_counts(other.val.images) != val and _image_counts(other.train.images) + _image_counts(
         other.val.images) == full
 
@@ -433,3 +433,41 @@ def test_the_paper_recipe_departs_from_nothing_and_the_fast_recipe_lists_its_swi
                     "predictor.normalize_targets": True,
                     "predictor.init": "variance", "sampling.method": "all", "optim.clip_grad_norm": 10.0}
     assert all(d.why for d in DEPARTURES)
+
+
+def test_a_fit_reports_agreement_with_its_original_on_the_test_set_and_on_validation_while_fitting(
+        fashion_mnist_root, tmp_path):
+    """metrics.json's agreement / KL equal a recomputation from the saved predictor file; the curves carry the
+    validation agreement at every evaluation."""
+    from nern.data import eval_batches
+    from nern.evaluate import agreement, predictions
+    from nern.reconstruct import run_reconstructed
+
+    cfg = tiny_fit(fashion_mnist_root, iterations=8, eval_every=4)
+    setup = prepare(cfg)
+    with Fitter(cfg, setup, tmp_path) as fitter:
+        metrics = fitter.run()
+    assert 0.0 <= metrics["agreement"] <= 100.0 and metrics["kl_to_original"] >= 0.0
+    assert metrics["val_agreement"] is not None
+    predictor, rep, stored = load_predictor(tmp_path / "predictor.safetensors", setup.model)
+    weights = decode_weights(predictor, rep, stored)
+    batches = lambda: eval_batches(setup.splits.test, cfg.data.eval_batch_size)  # noqa: E731
+    original = predictions(setup.model, batches())
+    rebuilt = predictions(lambda x: run_reconstructed(setup.model, rep, weights, x), batches())
+    again = agreement(original, rebuilt)
+    assert again["agreement"] == pytest.approx(metrics["agreement"], abs=1e-9)
+    assert again["kl_to_original"] == pytest.approx(metrics["kl_to_original"], rel=1e-5, abs=1e-9)
+    assert rebuilt.top1() == pytest.approx(metrics["reconstructed_top1"], abs=1e-9)
+    with open(tmp_path / "curves.csv") as fh:
+        evals = [r for r in csv.DictReader(fh) if r["eval_val_top1"]]
+    assert [bool(r["eval_val_agreement"]) for r in evals] == [True, True]
+
+
+def test_the_validation_split_is_fixed_by_split_seed_not_by_the_fit_seed(fashion_mnist_root, tmp_path):
+    """Two fits with different seeds measure their originals on the same validation images (docs/PROTOCOL.md)."""
+    a = tiny_fit(fashion_mnist_root, seed=0)
+    b = tiny_fit(fashion_mnist_root, seed=3)
+    va, vb = prepare(a).splits.val, prepare(b).splits.val
+    assert torch.equal(va.images, vb.images) and torch.equal(va.labels, vb.labels)
+    moved = tiny_fit(fashion_mnist_root, seed=0, data={"split_seed": 1})
+    assert not torch.equal(prepare(moved).splits.val.images, va.images)

@@ -308,7 +308,7 @@ def test_compress_stores_a_quantised_fit_at_its_own_width_exactly(fashion_mnist_
     path = tmp_path / "fit" / "predictor.safetensors"
     predictor, rep, fitted = load_predictor(path, model)
     opts = C.CompressOptions([0], ["global"], ["none"], ["fp16"])
-    rows, _ = C.run_compress(model, predictor, rep, fitted, build_splits(cfg.data, seed=0), tmp_path / "c", opts,
+    rows, _ = C.run_compress(model, predictor, rep, fitted, build_splits(cfg.data), tmp_path / "c", opts,
                              fitted_steps(path))
     row = next(r for r in rows if r["representation"] == "nern" and r["precision"] == "int3")
     network = NF.read_network(tmp_path / "c" / "files" / row["file"])

@@ -381,7 +381,7 @@ def user_weights(workdir: Path, data: dict) -> tuple[float, float]:
     torch.manual_seed(0)
     model = module.build(width=8)
     raw = DataConfig(**{**data, "root": str(workdir / data["root"])})
-    splits = data_mod.build_splits(raw, seed=0)
+    splits = data_mod.build_splits(raw)
     stream, optimiser = data_mod.train_stream(raw, 0, splits.train), torch.optim.Adam(model.parameters(), 3e-3)
     for _ in range(60):
         x, y = stream.next()
@@ -393,7 +393,7 @@ def user_weights(workdir: Path, data: dict) -> tuple[float, float]:
     standard = DataConfig(**{k: v for k, v in vars(raw).items() if k not in RAW_PIXELS})
 
     def accuracy(cfg: DataConfig) -> float:
-        test = data_mod.build_splits(cfg, seed=0).test
+        test = data_mod.build_splits(cfg).test
         return top_k_accuracy(model, data_mod.eval_batches(test, cfg.eval_batch_size))["top1"]
 
     return accuracy(raw), accuracy(standard)
