@@ -238,9 +238,11 @@ def test_the_targets_codec_sweep_sizes_one_fit_per_target() -> None:
 
 
 def test_the_cpu_cifar_preset_builds_the_issues_design() -> None:
-    """config/cifar10-cpu.yaml (issue #14): ResNet20 in three permutation modes at 160 and 180 with the loss and
-    embedding ablations and one data-free fit; ResNet56 crossfilter at 280 and 320 plus none at 320 only;
-    meta-compression and importance on the two reference fits. Needs ../shared, as the public preset does."""
+    """config/cifar10-cpu.yaml (issues #14, #32): in-domain originals (the public weights imported, then fine-tuned:
+    ResNet20 with smoothness 0 and 5e-6, ResNet56 with 0); ResNet20 in three permutation modes at 160 and 180 with
+    the loss and embedding ablations, one data-free fit and the regularisation row at 5e-6; ResNet56 crossfilter at
+    280 and 320 plus none at 320 only; meta-compression and importance on the two reference fits. Needs ../shared,
+    as the public preset does."""
     preset = "config/cifar10-cpu.yaml"
     config = yaml.safe_load((REPO / preset).read_text())
     for network in config["networks"]:
@@ -249,10 +251,10 @@ def test_the_cpu_cifar_preset_builds_the_issues_design() -> None:
     done = snakemake(["-n", "--forceall", "--nolock", "--configfile", preset, "--cores", "2"], cwd=REPO,
                      timeout_s=300)
     assert done.returncode == 0, tail(done)
-    assert job_counts(output(done)) == {"import_weights": 2, "permute": 5, "fit": 9, "fit_ablation": 2,
-                                        "fit_data_free": 1, "compress": 2, "importance": 2, "manifest": 1,
-                                        "tables": 1, "all": 1}
-    resnet56 = set(re.findall(r"cifar10-resnet56/fit/fast/imported/(\w+/h\d+)/metrics\.json", output(done)))
+    assert job_counts(output(done)) == {"import_weights": 2, "pretrain": 3, "permute": 6, "fit": 10,
+                                        "fit_ablation": 2, "fit_data_free": 1, "compress": 2, "importance": 2,
+                                        "manifest": 1, "tables": 1, "all": 1}
+    resnet56 = set(re.findall(r"cifar10-resnet56/fit/fast/reg0/(\w+/h\d+)/metrics\.json", output(done)))
     assert resnet56 == {"crossfilter/h280", "crossfilter/h320", "none/h320"}
 
 
