@@ -58,15 +58,18 @@ class Journal:
                 found.append(record)
         return found
 
-    def begin(self, identity: dict[str, Any]) -> None:
+    def begin(self, identity: dict[str, Any]) -> bool:
         """Start (or continue) the job's journal: the same job (output and config digest) appends to it, a job
-        with another config, or a finished job without a digest, starts it afresh."""
+        with another config, or a finished job without a digest, starts it afresh. True when it continues an
+        earlier attempt's journal (whose records the store may lack)."""
         previous = self.records()
         starts = [r for r in previous if r["op"] == "start"]
         same = bool(starts) and all(starts[-1].get(k) == identity.get(k) for k in ("key", "digest", "experiment"))
-        if not same or (identity.get("digest") is None and previous and previous[-1]["op"] == "end"):
+        fresh = not same or (identity.get("digest") is None and previous[-1]["op"] == "end")
+        if fresh:
             self.path.unlink(missing_ok=True)
         self.append("start", v=VERSION, ts=now_ms(), **identity)
+        return not fresh
 
 
 def find_journals(root: str | os.PathLike) -> list[Path]:

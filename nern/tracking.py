@@ -42,6 +42,7 @@ import getpass
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -396,7 +397,8 @@ class _Outbox:
     """Where a job's calls go: its journal first (when it has one), then the store while the store answers.
 
     Past the retry budget the job goes offline: the calls only reach the journal, and `flush` replays the
-    journal into the store when the job ends (or leaves it for `nern track sync`). Without a journal an
+    journal into the store when the job ends (or leaves it for `nern track sync`); it also does for a job that
+    continues an earlier attempt's journal (that attempt may have ended offline). Without a journal an
     unavailable store is an error, as it always was.
     """
 
@@ -404,10 +406,11 @@ class _Outbox:
         self.journal = Journal(journal) if journal is not None else None
         self.uri = uri
         self.offline = False
+        self.continued = False
 
     def begin(self, identity: dict[str, Any]) -> None:
         if self.journal is not None:
-            self.journal.begin(identity)
+            self.continued = self.journal.begin(identity)
 
     def record(self, op: str, **fields: Any) -> None:
         if self.journal is not None:
@@ -429,8 +432,9 @@ class _Outbox:
         self.offline = True
 
     def flush(self) -> str | None:
-        """Replay the journal of an offline job into the store; the run id, or None when the store is still away."""
-        if not self.offline or self.journal is None:
+        """Replay the journal of an offline (or continued) job into the store; the run id, or None when the store
+        is still away or there was nothing to replay."""
+        if not (self.offline or self.continued) or self.journal is None:
             return None
         later = (f"{self.journal.path} keeps this job's run: send it with `nern track sync <results dir> "
                  f"--mlflow-uri {redact(self.uri)}`")
@@ -442,9 +446,10 @@ class _Outbox:
         except StoreUnavailable as exc:
             log.warning("%s; %s", exc, later)
             return None
+        if self.offline:
+            log.warning("MLflow store %s is back: replayed this job's journal into run %s", redact(self.uri),
+                        replayed.run_id if replayed else None)
         self.offline = False
-        log.warning("MLflow store %s is back: replayed this job's journal into run %s", redact(self.uri),
-                    replayed.run_id if replayed else None)
         return replayed.run_id if replayed else None
 
 
@@ -907,22 +912,25 @@ def _replay_tags(client: Any, run: Any, tags: dict[str, str], records: list[dict
 
 
 def _replay_metrics(client: Any, run: Any, records: list[dict[str, Any]]) -> int:
-    """Metric points the run lacks, one per (key, step): a point the job logged again after a resume is the
-    same point."""
+    """Metric points the run lacks. A point is its key, step, timestamp and value, so a point the job logged
+    twice (at two moments) stays two points, as the store had it live, and a replay never adds one twice."""
     from mlflow.entities import Metric
 
-    points: dict[tuple[str, int], tuple[float, int]] = {}
-    for record in iter_ops(records, "metrics"):
-        for key, value in record["metrics"].items():
-            points.setdefault((key, int(record["step"])), (float(value), int(record["ts"])))
-    have: set[tuple[str, int]] = set()
-    for key in sorted({k for k, _ in points} & set(run.data.metrics)):
+    points = {_point(key, record["step"], record["ts"], value): None
+              for record in iter_ops(records, "metrics") for key, value in record["metrics"].items()}
+    have: set[tuple[str, int, int, Any]] = set()
+    for key in sorted({p[0] for p in points} & set(run.data.metrics)):
         history = _retry(lambda: client.get_metric_history(run.info.run_id, key), f"read metric {key}")
-        have |= {(key, m.step) for m in history}
-    new = [Metric(k, v, ts, step) for (k, step), (v, ts) in points.items() if (k, step) not in have]
+        have |= {_point(key, m.step, m.timestamp, m.value) for m in history}
+    new = [Metric(key, float(value), ts, step) for key, step, ts, value in points if (key, step, ts, value) not in have]
     for batch in _chunks(new, METRICS_PER_BATCH):
         _retry(lambda: client.log_batch(run.info.run_id, metrics=batch), "replay metrics")
     return len(new)
+
+
+def _point(key: str, step: Any, ts: Any, value: Any) -> tuple[str, int, int, Any]:
+    value = float(value)
+    return key, int(step), int(ts), "nan" if math.isnan(value) else value
 
 
 def _replay_datasets(client: Any, run: Any, records: list[dict[str, Any]]) -> int:

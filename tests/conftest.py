@@ -1,14 +1,18 @@
-"""Shared fixtures: a real one-node Slurm cluster for the tests that submit jobs."""
+"""Shared fixtures: a real one-node Slurm cluster for the tests that submit jobs; real MLflow tracking servers
+(plain, and with basic authentication) for the tests that log to one."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from mlflow_server import MlflowServer, ServerDown
 
 pytest_plugins = ["faults"]
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +66,50 @@ def slurm_cluster() -> Iterator[str]:
         yield "debug"
     finally:
         subprocess.run(["bash", str(SLURM_DOWN)], capture_output=True, timeout=120)
+
+
+def _why_no_mlflow_server(auth: bool) -> str | None:
+    """Why `mlflow server` cannot run here (a missing server dependency), or None."""
+    try:
+        import mlflow.server  # noqa: F401
+    except ImportError as exc:
+        return f"mlflow's server does not import ({exc})"
+    if auth:
+        try:
+            import flask_wtf  # noqa: F401
+        except ImportError:
+            return "basic auth needs Flask-WTF (pip install 'mlflow[auth]'; setup.sh installs it)"
+    return None
+
+
+def _served(root: Path, password: str | None) -> Iterator[MlflowServer]:
+    """A started server, stopped afterwards whatever happened; a skip naming the cause where it cannot start."""
+    reason = _why_no_mlflow_server(password is not None)
+    if reason:
+        pytest.skip(f"no mlflow server: {reason}")
+    server = MlflowServer(root, password)
+    try:
+        server.start()
+    except ServerDown as exc:
+        pytest.skip(f"no mlflow server: {str(exc)[-800:]}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """`mlflow server` on 127.0.0.1 (a free port) with a SQLite store and an artifact root in a temporary
+    directory; one per test module."""
+    yield from _served(tmp_path_factory.mktemp("mlflow-server"), None)
+
+
+@pytest.fixture(scope="module")
+def mlflow_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """As `mlflow_server`, with MLflow's basic authentication; its admin password (`.password`) is random, so
+    a test can look for it in everything the pipeline wrote."""
+    yield from _served(tmp_path_factory.mktemp("mlflow-auth-server"), "planted-" + secrets.token_hex(12))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

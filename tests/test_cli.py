@@ -192,7 +192,8 @@ def test_permute_cli_on_public_resnet20(tmp_path, capsys):
 def test_every_stage_is_a_sub_command():
     parser = build_parser()
     stages = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(stages) == {"pretrain", "import", "permute", "fit", "evaluate", "tables", "compress", "importance"}
+    assert set(stages) == {"pretrain", "import", "permute", "fit", "evaluate", "tables", "compress", "importance",
+                           "track"}
 
 
 def test_a_broken_stage_import_is_an_error_not_a_missing_sub_command(monkeypatch):
