@@ -7,7 +7,8 @@ JSON schema cannot express (`check_network`), and every job's merged settings ag
 nern.config (`validate_jobs`).
 
 A network's `model` is a built-in `arch` or a user's network by reference (`factory`, `kwargs`, see
-nern.models); either is imported from weights (`original.source: import`) or pretrained from its init.
+nern.models); it is imported from weights (`original.source: import`), pretrained from its init (`pretrain`), or
+imported and then trained further on the network's own training split (`finetune`: an in-domain original).
 
 A fit's settings merge in this order, later winning: the fit recipe file (config/recipes/), the network's
 `data`, its `fit`, its `fit_per_recipe[<recipe>]`, the ablation variant's `set` (or data_free=true), the grid's
@@ -495,8 +496,8 @@ def original_trees(net: Tree, smoothness: str | None = None, start: str | None =
     shared = [(f"{name}.model", {"model": net["model"]}), (f"{name}.data", {"data": net["data"]})]
     if smoothness is None:  # the import (of an imported or a fine-tuned network); `set` is the training's
         settings = (original.get("set") or {}) if original["source"] == "import" else {}
-        start = {"model.checkpoint": original["checkpoint"]}
-        return [*shared, (f"{name}.original.set", settings), (f"{name}.original", start)]
+        weights = {"model.checkpoint": original["checkpoint"]}
+        return [*shared, (f"{name}.original.set", settings), (f"{name}.original", weights)]
     last: Tree = {"smoothness": float(smoothness)}
     if original["source"] == "finetune":
         if start is None:
