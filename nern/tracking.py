@@ -272,12 +272,23 @@ def _auth_error(status: int, what: str) -> NernError:
                      "admin for EDIT permission on the experiment, or use another account")
 
 
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in a few words (MLflow's messages run to several hundred characters)."""
+    text = " ".join(str(exc).split())
+    status = next((s for s in map(_http_status, _chain(exc)) if s), None)
+    if status is not None:
+        return f"HTTP {status}"
+    marker = next((m for m in _CONNECTION_MARKERS if m in text.lower()), None)
+    if marker is not None:
+        return marker
+    return "database is locked" if _is_lock(exc) else redact(text)[:200]
+
+
 def _unavailable(exc: BaseException, what: str, budget: float) -> StoreUnavailable:
     hint = ("run fewer jobs in parallel or use a tracking server (tracking URI http://host:port)" if _is_lock(exc)
-            else "is the tracking server up?")
-    detail = redact(" ".join(str(exc).split()))[:240]
+            else "check that the tracking server is up")
     return StoreUnavailable(f"MLflow store stayed unavailable for {budget:.3g} s while trying to {what} "
-                            f"({detail}); {hint}")
+                            f"({_reason(exc)}): {hint}")
 
 
 def _retry(call: Callable[[], T], what: str, budget_s: float | None = None) -> T:
@@ -443,8 +454,8 @@ class _Outbox:
             return None
         try:
             replayed = replay_journal(self.journal.path, self.uri)
-        except StoreUnavailable as exc:
-            log.warning("%s; %s", exc, later)
+        except Exception as exc:  # noqa: BLE001 - the job's results are safe on disk; a replay can wait
+            log.warning("could not replay this job's journal (%s); %s", redact(str(exc)), later)
             return None
         if self.offline:
             log.warning("MLflow store %s is back: replayed this job's journal into run %s", redact(self.uri),
@@ -916,8 +927,7 @@ def _replay_metrics(client: Any, run: Any, records: list[dict[str, Any]]) -> int
     twice (at two moments) stays two points, as the store had it live, and a replay never adds one twice."""
     from mlflow.entities import Metric
 
-    points = {_point(key, record["step"], record["ts"], value): None
-              for record in iter_ops(records, "metrics") for key, value in record["metrics"].items()}
+    points = _journal_points(records)
     have: set[tuple[str, int, int, Any]] = set()
     for key in sorted({p[0] for p in points} & set(run.data.metrics)):
         history = _retry(lambda: client.get_metric_history(run.info.run_id, key), f"read metric {key}")
@@ -926,6 +936,20 @@ def _replay_metrics(client: Any, run: Any, records: list[dict[str, Any]]) -> int
     for batch in _chunks(new, METRICS_PER_BATCH):
         _retry(lambda: client.log_batch(run.info.run_id, metrics=batch), "replay metrics")
     return len(new)
+
+
+def _journal_points(records: list[dict[str, Any]]) -> list[tuple[str, int, int, Any]]:
+    """Every metric point of the journal; a (key, step) that a later attempt logged again (a resumed job
+    recomputes the steps after its last checkpoint) is taken from that attempt only."""
+    attempt, by_step = 0, {}
+    for record in records:
+        attempt += record["op"] == "start"
+        if record["op"] == "metrics":
+            for key, value in record["metrics"].items():
+                point = _point(key, record["step"], record["ts"], value)
+                by_step.setdefault(point[:2], []).append((attempt, point))
+    latest = (max(a for a, _ in entries) for entries in by_step.values())
+    return list(dict.fromkeys(p for entries, last in zip(by_step.values(), latest) for a, p in entries if a == last))
 
 
 def _point(key: str, step: Any, ts: Any, value: Any) -> tuple[str, int, int, Any]:

@@ -329,7 +329,7 @@ def test_retry_waits_out_an_outage_with_backoff_then_gives_up_with_the_budget(no
 
     assert tracking._retry(flaky, "test", budget_s=30) == "ok" and calls["n"] == 4
     start = time.monotonic()
-    with pytest.raises(tracking.StoreUnavailable, match="is the tracking server up"):
+    with pytest.raises(tracking.StoreUnavailable, match=r"\(HTTP 503\): check that the tracking server is up"):
         tracking._retry(lambda: (_ for _ in ()).throw(outage), "log metrics", budget_s=0.5)
     assert time.monotonic() - start < 2
 
@@ -431,24 +431,25 @@ def test_a_rerun_with_another_config_starts_its_journal_afresh(tmp_path, monkeyp
 
 
 def test_a_resumed_job_sends_what_its_killed_offline_attempt_kept(tmp_path, monkeypatch, lab_store):
-    """Attempt 1 ran while the store was away and was killed (no end); attempt 2 resumes online from its
-    checkpoint and logs only the later steps: the store still ends with every step, each once."""
+    """Attempt 1 ran while the store was away and was killed (no end) after its checkpoint at step 3; attempt 2
+    resumes online from it, so it logs step 3 again (recomputed) and the later steps: the store ends with every
+    step once, step 3 as attempt 2 logged it."""
     monkeypatch.setenv(tracking.RETRY_ENV, "0.2")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     out = tmp_path / "fit"
 
-    def attempt(uri: str, steps: range) -> Tracker:
+    def attempt(uri: str, steps: range, value: float) -> Tracker:
         tracker = Tracker(uri, "resumed", "fit", resume_key=str(out), digest="d1", journal=out / JOURNAL_NAME)
         tracker.start()
         for step in steps:
-            tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+            tracker.log_metrics({"train/loss": value}, step=step)
         return tracker
 
-    attempt(f"http://127.0.0.1:{free_port()}", range(0, 3))  # killed: never ended
-    second = attempt(lab_store, range(3, 5))
+    attempt(f"http://127.0.0.1:{free_port()}", range(0, 4), 1.0)  # killed: never ended
+    second = attempt(lab_store, range(3, 5), 2.0)
     second.end()
     history = client(lab_store).get_metric_history(second.run_id, "train/loss")
-    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+    assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0)]
     assert client(lab_store).get_run(second.run_id).info.status == "FINISHED"
 
 
