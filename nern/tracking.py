@@ -164,6 +164,8 @@ def store_reachable(uri: str) -> bool:
 
     try:
         answer = requests.get(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S)
+    except requests.exceptions.SSLError:
+        return True  # it answered; MLflow's client has the TLS settings (MLFLOW_TRACKING_SERVER_CERT_PATH, ...)
     except requests.RequestException:
         return False
     return answer.status_code not in _TRANSIENT_STATUS
