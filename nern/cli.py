@@ -254,12 +254,16 @@ def cmd_track_sync(args: argparse.Namespace) -> None:
     """Make a store hold a results tree's runs, from the journals the jobs wrote beside their outputs."""
     import os
 
-    from nern.tracking import DISABLED, default_tracking_uri, redact, sync_results
+    from nern.tracking import DISABLED, backfill_journals, default_tracking_uri, redact, sync_results
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # one line per job is ours to print
     uri = default_tracking_uri(args.mlflow_uri, args.results_dir)
     if uri == DISABLED:
         raise NernError("nern track sync needs a store; pass --mlflow-uri http://host:port or sqlite:///<path>")
+    backfilled = backfill_journals(args.results_dir)
+    if backfilled:
+        print(f"[track sync] wrote the journals of {backfilled} jobs logged to {args.results_dir}/mlflow.db before "
+              "jobs kept journals")
     done = sync_results(args.results_dir, uri)
     for job in done:
         if any(job.sent.values()) or job.created:

@@ -55,7 +55,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from nern.errors import NernError
-from nern.journal import JOURNAL_NAME, Journal, find_journals, iter_ops, now_ms
+from nern.journal import JOURNAL_NAME, VERSION as JOURNAL_VERSION, Journal, find_journals, iter_ops, now_ms
 
 T = TypeVar("T")
 
@@ -1013,3 +1013,71 @@ def sync_results(results_dir: str | os.PathLike, uri: str) -> list[Replayed]:
                         "written by tracked jobs (tracking on)")
     stores: dict[str, tuple[Any, str]] = {}
     return [done for path in journals if (done := replay_journal(path, uri, stores)) is not None]
+
+
+def backfill_journals(results_dir: str | os.PathLike) -> int:
+    """Write a journal for every job that the results directory's own store (its mlflow.db) holds but whose
+    output directory has none (runs logged before jobs kept journals), so that `sync_results` moves them too;
+    returns how many. A tree that was copied elsewhere finds its jobs by their path below the results
+    directory the store was written in (where its artifacts went)."""
+    root = Path(results_dir)
+    if not (root / DB_NAME).is_file():
+        return 0
+    client, _ = _open_store(default_uri(root), "Default")
+    written = 0
+    for experiment in _retry(lambda: client.search_experiments(), "list the experiments"):
+        old_root = _store_root(experiment.artifact_location)
+        runs = _retry(lambda: client.search_runs([experiment.experiment_id], max_results=50_000), "list runs")
+        for run in runs:
+            out = _job_dir(run.data.tags.get(RESUME_TAG), old_root, root)
+            if out is not None and not (out / JOURNAL_NAME).exists():
+                _export_run(client, run, experiment.name, out)
+                written += 1
+    return written
+
+
+def _store_root(artifact_location: str | None) -> Path | None:
+    """The results directory an embedded store was written in: where its artifacts went (`_artifact_location`)."""
+    path = Path(urllib.parse.urlsplit(artifact_location or "").path)
+    return path.parents[1] if len(path.parents) > 1 and path.parent.name == ARTIFACTS_DIR else None
+
+
+def _job_dir(key: str | None, old_root: Path | None, root: Path) -> Path | None:
+    """The job's output directory below `root`: where it ran, or its place in the copied tree."""
+    if not key:
+        return None
+    ran_in = Path(key)
+    if ran_in.is_dir() and ran_in.resolve().is_relative_to(root.resolve()):
+        return ran_in
+    if old_root is not None and ran_in.is_relative_to(old_root) and (root / ran_in.relative_to(old_root)).is_dir():
+        return root / ran_in.relative_to(old_root)
+    return None
+
+
+def _export_run(client: Any, run: Any, experiment: str, out: Path) -> None:
+    """The journal the job would have written, from its run: identity, params, every metric point, dataset
+    inputs, the output files the run holds that are still beside it, and how it ended."""
+    journal, data, run_id = Journal(out / JOURNAL_NAME), run.data, run.info.run_id
+    parent_id = data.tags.get(PARENT_ID_TAG)
+    parent = None
+    if parent_id:
+        parent = _retry(lambda: client.get_run(parent_id), "read the parent run").data.tags.get(PARENT_TAG)
+    tags = {k: v for k, v in data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.user"}
+    journal.append("start", v=JOURNAL_VERSION, ts=run.info.start_time, experiment=experiment,
+                   run_name=run.info.run_name, tags=tags, key=data.tags.get(RESUME_TAG),
+                   digest=data.tags.get(CONFIG_TAG), parent=parent)
+    if data.params:
+        journal.append("params", params=dict(data.params))
+    for key in sorted(data.metrics):
+        for m in _retry(lambda: client.get_metric_history(run_id, key), f"read metric {key}"):
+            journal.append("metrics", step=m.step, ts=m.timestamp, metrics={key: m.value})
+    for entry in run.inputs.dataset_inputs if run.inputs else []:
+        source = json.loads(entry.dataset.source or "{}").get("uri", entry.dataset.source)
+        context = {t.key: t.value for t in entry.tags}.get("mlflow.data.context")
+        journal.append("dataset", name=entry.dataset.name, source=source, digest=entry.dataset.digest,
+                       context=context)
+    for artifact in _retry(lambda: client.list_artifacts(run_id), "list artifacts"):
+        if not artifact.is_dir and (out / artifact.path).is_file():
+            journal.append("artifact", path=artifact.path, artifact_path=None)
+    if run.info.status not in ("RUNNING", "SCHEDULED"):
+        journal.append("end", status=run.info.status, ts=run.info.end_time)

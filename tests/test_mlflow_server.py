@@ -21,6 +21,7 @@ import http.server
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -472,14 +473,15 @@ def test_a_twin_left_by_a_resent_create_request_is_deleted(lab_store):
     assert [r.info.run_id for r in runs] == [kept]
 
 
-def laptop_tree(results: Path, uri: str, jobs: int = 3) -> None:
-    """A laptop's results tree: jobs logged online to its embedded store, each with its journal."""
+def laptop_tree(results: Path, uri: str, jobs: int = 3, experiment: str = "test", journals: bool = True) -> None:
+    """A laptop's results tree: jobs logged online to its embedded store, each with its journal (or none: runs
+    logged before jobs kept journals)."""
     for index in range(jobs):
-        out = results / "test" / f"job{index}"
+        out = results / experiment / f"job{index}"
         out.mkdir(parents=True)
         (out / "metrics.json").write_text(json.dumps({"top1": index}))
-        with Tracker(uri, "test", f"fit:job{index}", {"rule": "fit"}, resume_key=str(out), digest=f"d{index}",
-                     parent="test", journal=out / JOURNAL_NAME) as tr:
+        with Tracker(uri, experiment, f"fit:job{index}", {"rule": "fit"}, resume_key=str(out), digest=f"d{index}",
+                     parent=experiment, journal=out / JOURNAL_NAME if journals else None) as tr:
             tr.log_params({"hidden": 16 * (index + 1)})
             for step in range(0, 12, 3):
                 tr.log_metrics({"train/loss": 1.0 / (step + 1), "eval/top1": step + index}, step=step)
@@ -500,6 +502,29 @@ def test_a_laptops_results_tree_moves_to_another_store_once(tmp_path, lab_store)
     check_one_finished_run_per_job(moved, counts)
     same_runs(moved, store_jobs(laptop, "test")[0])
     assert total == 4  # three jobs and their parent
+
+
+def test_runs_logged_before_journals_move_from_a_copy_of_the_laptops_tree(tmp_path, lab_store, capsys):
+    """Runs only the laptop's store holds (no journals yet): sync writes their journals into the copied tree
+    (found by their place below the results directory) and moves them, once."""
+    laptop = tmp_path / "laptop" / "results"
+    laptop_tree(laptop, tracking.default_uri(laptop), experiment="old", journals=False)
+    copied = tmp_path / "cluster" / "results"
+    shutil.copytree(laptop, copied)
+    assert nern_main(["track", "sync", str(copied), "--mlflow-uri", lab_store]) == 0
+    assert "wrote the journals of 3 jobs" in capsys.readouterr().out
+    assert len(list(copied.rglob(JOURNAL_NAME))) == 3 and not list(laptop.rglob(JOURNAL_NAME))
+    assert nern_main(["track", "sync", str(copied), "--mlflow-uri", lab_store]) == 0
+    out = capsys.readouterr().out
+    assert "wrote the journals" not in out and "0 runs created, 3 found, 0 metric points sent" in out
+    moved, total = store_jobs(lab_store, "old")
+    check_one_finished_run_per_job(moved, {"fit": 3})
+    same_runs(moved, store_jobs(tracking.default_uri(laptop), "old")[0])
+    assert total == 4
+    mlflow_client = client(lab_store)
+    experiment = mlflow_client.get_experiment_by_name("old").experiment_id
+    for run in mlflow_client.search_runs([experiment], filter_string="tags.rule = 'fit'"):
+        assert [a.path for a in mlflow_client.list_artifacts(run.info.run_id)] == ["metrics.json"]
 
 
 # ------------------------------------------------------------------------------------------------ the server
