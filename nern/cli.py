@@ -13,7 +13,8 @@ The package is layered; a module imports only from its own layer or below (tests
    experiment design), symmetry, loop (the shared training loop), optim;
 3. the method: `method` (NeRN's iteration on one screen, the departures beside it), `fit_setup` (what a fit
    is built from), `predictor_file` (the file a fit writes, read back);
-4. training stages: `fit`, `pretrain`;
+4. training stages: `fit`, `pretrain`, `original_qat` (the original network trained through the quantisers
+   at a fit's budget, compress's equal-budget baseline);
 5. stage plumbing: `runs` (arguments, the MLflow run of a job, a fitted NeRN's inputs), `network_files` (NeRN
    and original-network files and the network rebuilt from one);
 6. application stages: `compress`, `importance`;

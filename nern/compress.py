@@ -23,6 +23,11 @@ layer, then optionally fine-tuned with the fit's own losses (`nern.fit.Fitter`) 
 noise (data-free), and finally quantised. Post-training quantisation below 8 bits destroys a predictor, so
 `qat_bits` adds quantisation-aware fine-tunes (`nern.qat`: learnt steps, straight-through rounding, the fit's
 objective, the pruning mask held) whose integers and steps the file stores exactly.
+
+The NeRN file is trained; PTQ and NNCodec of the original are not (finetune `none`: no retraining). The fair
+baseline at equal budget, `qat_original_bits`, trains the original network itself through the same quantisers with
+the fit's data, losses, optimiser and distillation iterations (`nern.original_qat`; finetune `qat`, its budget in
+the row's budget_* columns) and stores exactly its integers in an original-network file.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from nern.network_files import (
     verbatim_state,
 )
 from nern.nnc import available as nnc_available
+from nern.original_qat import train_original, unquantised_precisions
 from nern.nnc import NNC_SUFFIX, float_tensors, write_nnc
 from nern.plots import pyplot, save_figure
 from nern.predictor import Predictor
@@ -167,6 +173,11 @@ class CompressOptions:
     nncodec_qps: list[int] = dataclasses.field(default_factory=list)  # NNCodec on the original and the predictor
     batchnorm: str = "keep"  # fold: every BatchNorm stored as its affine map (NeRN and original files alike)
     verbatim_min: str | None = None  # NeRN files' verbatim matrices (FC, unrepresented convs) at least this fine
+    # the original network trained through N-bit quantisers at the fit's budget (nern.original_qat), one per width
+    qat_original_bits: list[int] = dataclasses.field(default_factory=list)
+    qat_original_sparsities: list[float] = dataclasses.field(default_factory=lambda: [0.0])
+    qat_original_fc: bool = False  # its FC through the quantiser too (else trained per tune_verbatim, stored int8)
+    qat_original_scale: float = 1.0  # its iterations as a multiple of the fit's distillation iterations
 
 
 VECTOR_PRECISIONS = ("fp32", "fp16", "int8")
@@ -195,12 +206,24 @@ def check_options(opts: CompressOptions) -> None:
         raise NernError(f"--qat-bits {bad_bits[0]} is outside [{MIN_BITS}, {MAX_BITS}]; pass widths such as 4,3")
     if opts.qat_iterations is not None and opts.qat_iterations < 1:
         raise NernError(f"--qat-iterations {opts.qat_iterations} must be at least 1")
+    check_original_qat_options(opts)
     bad_qps = [q for q in opts.nncodec_qps if not -80 <= q <= 0]
     if bad_qps:
         raise NernError(f"--nncodec-qps {bad_qps[0]} is outside [-80, 0] (lower is finer); pass e.g. -38,-26,-16")
     if opts.nncodec_qps and not nnc_available():
         raise NernError("--nncodec-qps needs NNCodec, which is not installed: run `bash setup.sh` (it installs "
                         "nncodec==2.1.3 with --no-deps) or leave --nncodec-qps empty")
+
+
+def check_original_qat_options(opts: CompressOptions) -> None:
+    bad_bits = [b for b in opts.qat_original_bits if not MIN_BITS <= b <= MAX_BITS]
+    if bad_bits:
+        raise NernError(f"--qat-original-bits {bad_bits[0]} is outside [{MIN_BITS}, {MAX_BITS}]; pass e.g. 2,3,4")
+    bad = [s for s in opts.qat_original_sparsities if not 0.0 <= s < 1.0]
+    if bad or not opts.qat_original_sparsities:
+        raise NernError(f"--qat-original-sparsities {bad[0] if bad else '(none)'} is outside [0, 1); pass e.g. 0,0.5")
+    if not opts.qat_original_scale > 0:
+        raise NernError(f"--qat-original-scale {opts.qat_original_scale} must be positive; pass e.g. 1")
 
 
 @dataclass
@@ -301,9 +324,17 @@ def qat_variants(opts: CompressOptions) -> list[tuple[float, str, int]]:
     return [(s, scope, bits) for s, scope in points for bits in opts.qat_bits]
 
 
+def original_qat_variants(opts: CompressOptions) -> list[tuple[float, str, int]]:
+    """(sparsity, scope, bits) of every quantisation-aware training of the original network."""
+    points = []
+    for s in sorted(set(opts.qat_original_sparsities)):
+        points += [(0.0, "-")] if s == 0 else [(s, scope) for scope in opts.scopes]
+    return [(s, scope, bits) for s, scope in points for bits in opts.qat_original_bits]
+
+
 def count_files(opts: CompressOptions) -> int:
     plain = (len(nern_variants(opts)) + len(baseline_variants(opts))) * len(opts.precisions)
-    return plain + len(qat_variants(opts)) + 2 * len(opts.nncodec_qps)
+    return plain + len(qat_variants(opts)) + 2 * len(opts.nncodec_qps) + len(original_qat_variants(opts))
 
 
 def run_compress(model: nn.Module, predictor: Predictor, rep: Representation, cfg: FitConfig, splits: Any,
@@ -327,7 +358,7 @@ def run_compress(model: nn.Module, predictor: Predictor, rep: Representation, cf
     schedule = FineTunes(iterations, qat_iterations, lr, out)
     rows = (nern_rows(bench, model, predictor, rep, schedule, fitted_steps or {}) + qat_rows(bench, model, predictor, rep, schedule)
             + nern_nnc_rows(bench, model, predictor, rep) + baseline_rows(bench, model)
-            + nnc_baseline_rows(bench, model))
+            + original_qat_rows(bench, model, rep) + nnc_baseline_rows(bench, model))
     bar.close()
     add_comparisons(rows, original_top1, opts)
     metrics = summary_metrics(rows, original_top1, opts, iterations, lr, time.perf_counter() - start)
@@ -439,6 +470,25 @@ def baseline_rows(bench: Bench, model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
+def original_qat_rows(bench: Bench, model: nn.Module, rep: Representation) -> list[dict[str, Any]]:
+    """The original network (magnitude-pruned first where asked) trained through N-bit learnt-step quantisers
+    with the NeRN fit's data, losses, optimiser and iterations (`nern.original_qat`), stored as exactly the trained
+    integers; its other matrices at int8 (1-D tensors at `vectors`), like a quantisation-aware NeRN file's
+    verbatim ones. Finetune `qat` tells these trained rows from the untrained original rows (`none`)."""
+    cfg, opts, rows = bench.cfg, bench.opts, []
+    cpu_model = copy.deepcopy(model).cpu()
+    for sparsity, scope, bits in original_qat_variants(opts):
+        masks = magnitude_masks(prunable_network_weights(cpu_model), sparsity, scope) if sparsity else {}
+        trained = train_original(cfg, cpu_model, rep.layers, bench.splits, bits, masks, opts.qat_original_fc,
+                                 opts.qat_original_scale, cfg.progress)
+        enc = encode_network(trained.network, masks, f"int{bits}", opts.vectors, opts.batchnorm == "fold",
+                             steps=trained.steps, precisions=unquantised_precisions(trained))
+        row = _row("original", sparsity, scope, "qat", f"int{bits}", masks, trained.budget.iterations,
+                   quantised=",".join(trained.quantised), **trained.budget.row())
+        rows.append(bench.measure(enc, row))
+    return rows
+
+
 def add_comparisons(rows: list[dict[str, Any]], original_top1: float, opts: CompressOptions) -> None:
     """Each row's label, its size against the unpruned fp32 original, and its accuracy change."""
     fp32 = next(r["bytes"] for r in rows if r["representation"] == "original" and r["sparsity"] == 0
@@ -510,7 +560,8 @@ FAMILY_STYLE = {("nern", "none"): ("tab:blue", "NeRN"), ("nern", "data"): ("tab:
                 ("nern", "data-free"): ("tab:olive", "NeRN + data-free fine-tune"),
                 ("nern", "qat"): ("tab:purple", "NeRN, quantisation-aware"),
                 ("nern+nnc", "none"): ("tab:cyan", "NeRN, predictor via NNCodec"),
-                ("original", "none"): ("tab:red", "original network")}
+                ("original", "none"): ("tab:red", "original network, no retraining"),
+                ("original", "qat"): ("tab:brown", "original network, quantisation-aware (fit's budget)")}
 PRECISION_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^", "int6": "D", "int5": "d", "int4": "v", "int3": "<",
                      "int2": ">", "nnc": "*"}
 
@@ -567,7 +618,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
                            comma_names(args.finetune), comma_names(args.precisions), args.finetune_iterations,
                            args.finetune_lr, args.compressor, args.keep_files == "all", args.vectors,
                            comma_ints(args.qat_bits, "--qat-bits"), args.qat_iterations,
-                           comma_ints(args.nncodec_qps, "--nncodec-qps"), args.batchnorm, args.verbatim_min)
+                           comma_ints(args.nncodec_qps, "--nncodec-qps"), args.batchnorm, args.verbatim_min,
+                           comma_ints(args.qat_original_bits, "--qat-original-bits"),
+                           comma_floats(args.qat_original_sparsities, "--qat-original-sparsities"),
+                           args.qat_original_fc == "qat", args.qat_original_scale)
     check_options(opts)
     cfg, model, predictor, rep, splits = load_fitted(args)
     out = Path(args.out)
@@ -611,6 +665,17 @@ def register_cli(subparsers: Any, name: str) -> None:
     p.add_argument("--verbatim-min", choices=list(PRECISIONS),
                    help="NeRN files keep their verbatim matrices (FC, unrepresented convs) at least this fine, e.g. "
                    "int8 (default: the file's own precision)")
+    p.add_argument("--qat-original-bits", default="", help="the equal-budget baseline: the ORIGINAL network's "
+                   "represented convs trained through learnt-step quantisers with the fit's data, losses, optimiser "
+                   f"and distillation iterations, one per width in [{MIN_BITS}, {MAX_BITS}], e.g. 2,3,4 "
+                   "(default: none)")
+    p.add_argument("--qat-original-sparsities", default="0", help="magnitude-pruning fractions of the original "
+                   "before its quantisation-aware training (scopes from --scopes), e.g. 0,0.5")
+    p.add_argument("--qat-original-fc", default="int8", choices=["int8", "qat"], help="the original's FC in the "
+                   "baseline: int8 (stored at int8, trained only if the fit tuned its verbatim tensors) or qat "
+                   "(trained through the same quantisers, stored at the width)")
+    p.add_argument("--qat-original-scale", type=float, default=1.0, help="the baseline's iterations as a multiple "
+                   "of the fit's distillation iterations (default 1: the same budget)")
     p.add_argument("--keep-files", default="all", choices=["all", "none"],
                    help="keep the measured files under OUT/files (none: delete each after measuring)")
     p.set_defaults(func=cmd_compress)

@@ -94,13 +94,18 @@ def verbatim_state(model: nn.Module, rep: Representation) -> dict[str, torch.Ten
 
 
 def encode_network(model: nn.Module, masks: dict[str, torch.Tensor], precision: str, vectors: str = "fp32",
-                   fold: bool = False) -> Encoded:
-    """The original network's whole state dict (the baselines), pruned entries masked out."""
+                   fold: bool = False, *, steps: dict[str, torch.Tensor] | None = None,
+                   precisions: dict[str, str] | None = None) -> Encoded:
+    """The original network's whole state dict (the baselines), pruned entries masked out; a quantisation-aware
+    baseline's weights at their learnt `steps` (the trained integers exactly), `precisions` overriding
+    `precision` by tensor name (its unquantised matrices at int8, like a NeRN file's verbatim ones)."""
     enc = Encoded.empty("network", {"model": _model_meta(model)})
     state, enc.meta["folded_batchnorm"] = fold_batchnorm(model.state_dict(), model, fold)
+    steps, precisions = steps or {}, precisions or {}
     for name, t in state.items():
         part = "weights" if t.is_floating_point() and t.dim() >= 2 else "other"
-        enc.add(f"state.{name}", t, tensor_precision(t, precision, vectors), part, masks.get(name))
+        enc.add(f"state.{name}", t, tensor_precision(t, precisions.get(name, precision), vectors), part,
+                masks.get(name), steps.get(name))
     return enc
 
 

@@ -15,13 +15,15 @@ quantisation-aware fine-tune of a float fit (`nern compress --qat-bits`, `nern.c
 On public ResNet20 only the first works: a 4-bit fine-tune starts at chance and stays there, a 4-bit fit reaches
 ~77% (docs/measurements/codec). Either way `learnt_steps` gives the steps, and the codec stores exactly the
 integers the predictor was trained with (`nern.codec.encode_tensor(scale=...)`). Biases stay float, like every
-1-D tensor under `intN`.
+1-D tensor under `intN`. The same quantisers (one step per conv filter there) train the ORIGINAL network's weights
+for compress's equal-budget baseline (`attach_weight_quantisers`, `nern.original_qat`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +32,7 @@ from torch.nn.utils import parametrize
 from nern.errors import NernError
 
 MIN_BITS, MAX_BITS = 2, 8
+QUANTISABLE_TYPES = (nn.Linear, nn.Conv2d)
 HALF_MIN_NORMAL = 2.0 ** -14  # smaller steps stay float32 (subnormal float16 loses precision)
 
 
@@ -69,7 +72,7 @@ class LearntStepQuantiser(nn.Module):
         return _half_precision_straight_through(_scale_gradient(self.log_step, self.gradient_factor).exp())
 
     def forward(self, weight: Tensor) -> Tensor:
-        step = self.effective_step().unsqueeze(1)
+        step = self.effective_step().reshape(-1, *([1] * (weight.dim() - 1)))  # a row: a Linear's row, a conv's filter
         return _round_straight_through((weight / step).clamp(-self.levels, self.levels)) * step
 
 
@@ -95,10 +98,28 @@ def quantisable_linears(predictor: nn.Module) -> list[nn.Linear]:
 
 def attach_quantisers(predictor: nn.Module, bits: int) -> None:
     """Parametrise every Linear weight of `predictor` in place; its parameters then include the steps."""
-    for linear in quantisable_linears(predictor):
-        if parametrize.is_parametrized(linear, "weight"):
-            raise NernError("the predictor already carries quantisers; attach them once")
-        parametrize.register_parametrization(linear, "weight", LearntStepQuantiser(linear.weight, bits))
+    attach_weight_quantisers(predictor, bits, lambda name, module: isinstance(module, nn.Linear),
+                             "the predictor already carries quantisers; attach them once")
+
+
+def attach_weight_quantisers(network: nn.Module, bits: int, select: Callable[[str, nn.Module], bool],
+                             attached: str = "the network already carries quantisers; attach them once") -> list[str]:
+    """Parametrise the weight of every Conv2d/Linear of `network` that `select(name, module)` picks, in place (the
+    original network's baseline of `nern compress` quantises its convs, and optionally its FC, so); returns the
+    names of the quantised weights."""
+    chosen = [(name, m) for name, m in network.named_modules()
+              if isinstance(m, QUANTISABLE_TYPES) and select(name, m)]
+    for _, module in chosen:
+        if parametrize.is_parametrized(module, "weight"):
+            raise NernError(attached)
+        parametrize.register_parametrization(module, "weight", LearntStepQuantiser(module.weight, bits))
+    return [f"{name}.weight" for name, _ in chosen]
+
+
+def _quantised_modules(network: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every Conv2d/Linear whose weight goes through a quantiser, in registration order."""
+    return [(name, m) for name, m in network.named_modules()
+            if isinstance(m, QUANTISABLE_TYPES) and parametrize.is_parametrized(m, "weight")]
 
 
 def learnt_step_parameters(predictor: nn.Module) -> list[nn.Parameter]:
@@ -107,12 +128,11 @@ def learnt_step_parameters(predictor: nn.Module) -> list[nn.Parameter]:
 
 
 def learnt_steps(predictor: nn.Module) -> dict[str, Tensor]:
-    """Each quantised weight's name in the plain predictor's state dict (e.g. "0.weight") -> its steps."""
+    """Each quantised weight's name in the plain module's state dict (e.g. "0.weight") -> its steps."""
     steps = {}
-    for name, module in predictor.named_modules():
-        if isinstance(module, nn.Linear) and parametrize.is_parametrized(module, "weight"):
-            quantiser = module.parametrizations.weight[0]
-            steps[f"{name}.weight"] = quantiser.effective_step().detach().cpu().clone()
+    for name, module in _quantised_modules(predictor):
+        quantiser = module.parametrizations.weight[0]
+        steps[f"{name}.weight"] = quantiser.effective_step().detach().cpu().clone()
     return steps
 
 
@@ -127,6 +147,5 @@ def plain_state(predictor: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tens
 
 def detach_quantisers(predictor: nn.Module) -> None:
     """Replace each parametrised weight by its quantised value (integers times steps), in place."""
-    for linear in quantisable_linears(predictor):
-        if parametrize.is_parametrized(linear, "weight"):
-            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
+    for _, module in _quantised_modules(predictor):
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)

@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from nern import codec, pruning
+from nern import codec, original_qat, pruning
+from nern.artifacts import read_metadata
 from nern import compress as C
 from nern import network_files as NF
 from nern.cli import main
@@ -401,3 +402,41 @@ def test_decoding_a_file_names_what_is_missing_or_wrong(fitted_resnet8, tmp_path
     codec.write_container(lonely, NF.encode_nern(predictor, {}, "fp32", rep, EMBEDDING, model, parts=()))
     with pytest.raises(NernError, match="holds no predictor: it went through NNCodec"):
         NF.read_codec_file(lonely, ModelConfig(arch="resnet8", in_channels=1))
+
+
+def test_the_baseline_trains_at_the_nern_fits_budget_and_is_measured_from_its_file(fitted_resnet8, tmp_path):
+    out = tmp_path / "compress"
+    assert main(["compress", "--model", str(fitted_resnet8["model"]), "--predictor", str(fitted_resnet8["predictor"]),
+                 "--out", str(out), "--mlflow-uri", "none", "--sparsities", "0", "--finetune", "none",
+                 "--precisions", "fp32", "--qat-original-bits=3", "--qat-original-sparsities=0,0.5",
+                 "--qat-original-fc=int8",
+                 "--set", "progress=false"]) == 0
+    with open(out / "compression.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    trained = [r for r in rows if r["representation"] == "original" and r["finetune"] == "qat"]
+    assert [r["label"] for r in trained] == ["original-s0-ft-qat-int3", "original-s0.5-global-ft-qat-int3"]
+    assert {r["finetune"] for r in rows if r not in trained} == {"none"}  # the untrained rows say so
+    fit = load_config(FitConfig, base=read_metadata(fitted_resnet8["predictor"])["config"])  # the fit's own
+    fit_metrics = (fitted_resnet8["predictor"].parent / "metrics.json").read_text()
+    assert f'"distillation_iterations": {fit.iterations}' in fit_metrics
+    o = fit.optim
+    for row in trained:
+        assert int(float(row["budget_iterations"])) == fit.iterations == int(float(row["finetune_iterations"]))
+        assert int(float(row["budget_batch_size"])) == fit.data.batch_size
+        assert int(float(row["budget_stream_seed"])) == fit.seed
+        assert row["budget_data_free"] == str(fit.data_free)
+        assert [float(row[f"budget_{k}"]) for k in ("kd", "fmd", "ce", "temperature")] == [
+            fit.loss.kd, fit.loss.fmd, fit.loss.ce, fit.loss.temperature]
+        assert row["budget_optimizer"] == {"ranger": "Ranger", "adam": "AdamW"}[o.name]
+        assert float(row["budget_lr"]) == o.lr and float(row["budget_step_lr"]) == o.lr * o.step_lr_scale
+        assert float(row["budget_weight_decay"]) == o.weight_decay and float(row["budget_min_lr"]) == o.min_lr
+        assert int(float(row["budget_warmup_iterations"])) == o.warmup_iterations
+        path = out / "files" / row["file"]
+        assert int(row["bytes"]) == path.stat().st_size
+        tensors, meta = codec.read_container(path)
+        assert meta["kind"] == "network"
+        for name in row["quantised"].split(","):
+            assert meta["tensors"][f"state.{name}"]["codec"] == "int3"
+        assert meta["tensors"]["state.linear.weight"]["codec"] == "int8"
+    assert float(trained[1]["achieved_sparsity"]) == pytest.approx(0.5, abs=1e-3)
+    assert original_qat.baseline_iterations(fit, 1, 0.5) == max(1, round(0.5 * fit.iterations))

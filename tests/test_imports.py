@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
                      "journal", "plots", "codec", "nnc", "qat", "pruning", "table_format", "grid", "symmetry", "loop",
                      "optim"), 2),
     **dict.fromkeys(("fit_setup", "method", "predictor_file"), 3),
-    **dict.fromkeys(("fit", "pretrain"), 4),
+    **dict.fromkeys(("fit", "pretrain", "original_qat"), 4),
     **dict.fromkeys(("runs", "network_files"), 5),
     **dict.fromkeys(("compress", "importance"), 6),
     "tables": 7,
