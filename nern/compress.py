@@ -64,7 +64,7 @@ from nern.network_files import (
     verbatim_state,
 )
 from nern.nnc import available as nnc_available
-from nern.original_qat import train_original, unquantised_precisions
+from nern.original_qat import masked_parameters, train_original, unquantised_precisions
 from nern.nnc import NNC_SUFFIX, float_tensors, write_nnc
 from nern.plots import pyplot, save_figure
 from nern.predictor import Predictor
@@ -102,16 +102,6 @@ def finetune_config(cfg: FitConfig, iterations: int, lr: float, data_free: bool)
     )
 
 
-def _masked_parameters(predictor: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
-    """Each mask's parameter; a quantised Linear keeps its float weight under `parametrizations.weight.original`."""
-    params = dict(predictor.named_parameters())
-    found = {}
-    for name in masks:
-        module, _, attr = name.rpartition(".")
-        found[name] = params[name] if name in params else params[f"{module}.parametrizations.{attr}.original"]
-    return found
-
-
 def finetune_predictor(predictor: Predictor, masks: dict[str, torch.Tensor], cfg: FitConfig, model: nn.Module,
                        rep: Representation, splits: Any, iterations: int, lr: float, data_free: bool,
                        out_dir: Path, progress: bool = False,
@@ -127,7 +117,7 @@ def finetune_predictor(predictor: Predictor, masks: dict[str, torch.Tensor], cfg
     if qat_bits:
         attach_quantisers(fitter.predictor, qat_bits)
         fitter.rebuild_optimizer()  # the steps are parameters too
-    params = _masked_parameters(fitter.predictor, masks)
+    params = masked_parameters(fitter.predictor, masks)
     device_masks = {name: m.to(fitter.device, params[name].dtype) for name, m in masks.items()}
     hooks = [params[name].register_hook(lambda g, m=m: g * m) for name, m in device_masks.items()]
     mask_parameters(params, device_masks)

@@ -177,7 +177,8 @@ def trainable_parameters(student: nn.Module, quantised: list[str], tune_verbatim
 
 
 def masked_parameters(student: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
-    """Each mask's parameter; a quantised weight keeps its float value under `parametrizations.weight.original`."""
+    """Each mask's parameter in a network or a predictor; a quantised weight keeps its float value under
+    `parametrizations.weight.original`."""
     params = dict(student.named_parameters())
     found = {}
     for name in masks:

@@ -22,6 +22,18 @@ class Killed(Exception):
     """Stands for SIGKILL: nothing after it is saved or logged."""
 
 
+def dies_at(iteration: int):
+    """Pretraining.step, raising Killed when it reaches `iteration` (nothing after it is saved or logged)."""
+    real_step = Pretraining.step
+
+    def step(self):
+        if self.iteration == iteration:
+            raise Killed
+        return real_step(self)
+
+    return step
+
+
 def tiny_pretrain(root) -> PretrainConfig:
     data = {"name": "fashion_mnist", "root": str(root), "batch_size": 64, "val_size": 500, "eval_limit": 300,
             "eval_batch_size": 300, "download": False}
@@ -38,14 +50,7 @@ def test_pretrain_killed_between_checkpoints_resumes_exactly_and_logs_each_point
     expected = pretrain(cfg, tmp_path / "straight", tracker=straight)
     assert expected["iterations"] == 28
 
-    real_step = Pretraining.step
-
-    def dies_at_20(self):
-        if self.iteration == 20:
-            raise Killed
-        return real_step(self)
-
-    monkeypatch.setattr(Pretraining, "step", dies_at_20)
+    monkeypatch.setattr(Pretraining, "step", dies_at(20))
     first = Recorder()
     with pytest.raises(Killed):
         pretrain(cfg, tmp_path / "resumed", tracker=first)
@@ -98,14 +103,7 @@ def test_a_fine_tune_killed_midway_resumes_exactly(fashion_mnist_root, tmp_path,
     cfg = tiny_pretrain(fashion_mnist_root)
     cfg.model.checkpoint = str(tmp_path / "start" / "model.safetensors")
     expected = pretrain(cfg, tmp_path / "straight")
-    real_step = Pretraining.step
-
-    def dies_at_20(self):
-        if self.iteration == 20:
-            raise Killed
-        return real_step(self)
-
-    monkeypatch.setattr(Pretraining, "step", dies_at_20)
+    monkeypatch.setattr(Pretraining, "step", dies_at(20))
     with pytest.raises(Killed):
         pretrain(cfg, tmp_path / "resumed")
     monkeypatch.undo()
