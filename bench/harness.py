@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,3 +137,17 @@ def evaluate(fitter: Any) -> dict[str, float]:
     point = fitter.evaluate()
     point.setdefault("test_top1", fitter.test_top1())
     return point
+
+
+def permutation_file(permutation: str, arch: str, weights: Path, out_dir: Path,
+                     method: str = "auto") -> tuple[str, float]:
+    """The pipeline's permutation of a network (`nern permute`, once per network, shared by its fits) and its
+    seconds; "" for none."""
+    if permutation == "none":
+        return "", 0.0
+    out = out_dir / f"{arch}_{permutation}_{method}.safetensors"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "nern", "permute", "--model", str(weights), "--set", f"model.arch={arch}",
+                    "--mode", permutation, "--method", method, "--quiet", "--mlflow-uri", "none", "--out", str(out)],
+                   check=True, cwd=ROOT)
+    return str(out), time.perf_counter() - start

@@ -32,7 +32,8 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from bench.harness import (CHECKPOINTS, CIFAR10_JPEG, PRETRAINED, ROOT, Network, emit, evaluate,  # noqa: E402
-                           fit_config, machine, skip, start_fit, train_to)
+                           fit_config, machine, permutation_file, skip, start_fit,
+                           train_to)
 from nern.config import PERMUTATIONS  # noqa: E402
 
 # network -> default predictor widths (its public weights: bench.harness.CHECKPOINTS)
@@ -118,18 +119,6 @@ def run_child(job: dict, out_dir: Path) -> dict:
     return json.loads(result.read_text())
 
 
-def permutation_file(args: argparse.Namespace, network: str, weights: Path, out_dir: Path) -> tuple[str, float]:
-    """The pipeline's permutation of the network (once per network, shared by its fits) and its seconds."""
-    if args.permutation == "none":
-        return "", 0.0
-    out = out_dir / f"{network}_{args.permutation}.safetensors"
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "nern", "permute", "--model", str(weights), "--set",
-                    f"model.arch={network}", "--mode", args.permutation, "--quiet", "--mlflow-uri", "none",
-                    "--out", str(out)], check=True, cwd=ROOT)
-    return str(out), time.perf_counter() - start
-
-
 def summary(results: list[dict]) -> list[dict]:
     """Per network and h, over seeds: minutes to fidelity and test top-1 then (reached runs only)."""
     rows = []
@@ -178,7 +167,8 @@ def parent(args: argparse.Namespace) -> None:
     print(json.dumps({"config": vars(args), "machine": machine(args.device)}), flush=True)
     results, permute_seconds = [], {}
     for network in args.networks:
-        permutation, permute_seconds[network] = permutation_file(args, network, weights[network], out_dir)
+        permutation, permute_seconds[network] = permutation_file(args.permutation, network, weights[network],
+                                                                   out_dir)
         for hidden in args.hidden or NETWORKS[network]:
             for seed in args.seeds:
                 job = {"network": network, "weights": str(weights[network]), "hidden": hidden, "seed": seed,
