@@ -56,7 +56,9 @@ class Row:
     variant: str
     data_free: bool
     overrides: dict[str, Any]  # the row's own settings over the reference fit, flattened (ablations)
-    dir: str
+    dir: str  # the first seed's fit (its applications and curves)
+    seeds: list[int] = field(default_factory=lambda: [0])  # one fit per seed, aggregated in the tables
+    seed_dirs: list[str] = field(default_factory=list)  # their directories, in the order of `seeds`
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,8 @@ def _fields(cls: type, data: Any, where: str) -> dict[str, Any]:
 # rules fill the templates' {wildcards} (workflow/rules/common.smk); the manifest names the same directories.
 ORIGINAL_DIR = "original/{orig}"  # orig: imported, or reg<factor> (pretrained or fine-tuned with that factor)
 PERMUTATION_STEM = "permutation/{orig}/{perm}"  # .safetensors (positions), .json, .model.safetensors (symmetry)
-FIT_POINT = "{fit_recipe}/{orig}/{perm}/h{hidden}"
+FIT_POINT = "{fit_recipe}/{orig}/{perm}/h{hidden}{seed}"  # seed: "" (seed 0, the recipe's own) or -seed<s>
+SEED_TAG = r"(-seed[1-9][0-9]*)?"  # the {seed} wildcard's pattern: empty for seed 0
 FIT_DIRS = {"fit": f"fit/{FIT_POINT}", "ablation": f"ablation/{{variant}}/{FIT_POINT}",
             "data-free": f"data-free/{FIT_POINT}"}
 
@@ -131,16 +134,30 @@ class Fit:
     perm: str
     hidden: int
     variant: str = ""
+    seed: int = 0  # 0: the fit recipe's own seed (FitConfig.seed); s > 0 is set on the fit
 
     @property
     def point(self) -> str:
-        return FIT_POINT.format(fit_recipe=self.fit_recipe, orig=self.orig, perm=self.perm, hidden=self.hidden)
+        return FIT_POINT.format(fit_recipe=self.fit_recipe, orig=self.orig, perm=self.perm, hidden=self.hidden,
+                                seed=seed_tag(self.seed))
 
     @property
     def dir(self) -> str:
         below = FIT_DIRS[self.stage].format(variant=self.variant, fit_recipe=self.fit_recipe, orig=self.orig,
-                                            perm=self.perm, hidden=self.hidden)
+                                            perm=self.perm, hidden=self.hidden, seed=seed_tag(self.seed))
         return f"{results_dir(self.preset)}/{self.net}/{below}"
+
+    def with_seed(self, seed: int) -> Fit:
+        return dataclasses.replace(self, seed=seed)
+
+
+def seed_tag(seed: int) -> str:
+    """A fit directory's seed suffix: none for seed 0, so a preset without seeds keeps its paths."""
+    return f"-seed{seed}" if seed else ""
+
+
+def seed_of_tag(tag: str) -> int:
+    return int(tag.removeprefix("-seed")) if tag else 0
 
 
 def network(config: Tree, name: str) -> Tree:
@@ -312,12 +329,15 @@ def _row(group: str, label: Any, net: Tree, fit: Fit, smoothness: float | None, 
                published=net.get("published"), stage=fit.stage, fit_preset=fit.fit_recipe, original=fit.orig,
                smoothness=None if smoothness is None else float(smoothness), permutation=fit.perm,
                hidden=int(fit.hidden), variant=fit.variant, data_free=fit.stage == "data-free",
-               overrides=dict(sorted(flatten(overrides).items())), dir=fit.dir)
+               overrides=dict(sorted(flatten(overrides).items())), dir=fit.dir, seeds=[fit.seed],
+               seed_dirs=[fit.dir])
 
 
 def main_rows(preset: str, net: Tree) -> list[Row]:
-    """One row per distinct point of the grid's products, in the order they are first given."""
+    """One row per distinct point of the grid's products, in the order they are first given; its seeds are the
+    union of the products' that give it (one fit each, aggregated in the tables)."""
     rows: dict[str, Row] = {}
+    seeds: dict[str, list[int]] = {}
     for product in grid_products(net):
         for recipe in product["fit_recipes"]:
             for s in grid_smoothness(net, product):
@@ -325,7 +345,13 @@ def main_rows(preset: str, net: Tree) -> list[Row]:
                     for h in product["hidden"]:
                         fit = Fit(preset, "fit", net["name"], recipe, original_id(net, s), perm, h)
                         rows.setdefault(fit.dir, _row("main", recipe, net, fit, s))
-    return list(rows.values())
+                        seeds[fit.dir] = list(dict.fromkeys([*seeds.get(fit.dir, []), *product.get("seeds", [0])]))
+    return [with_seeds(row, preset, seeds[key]) for key, row in rows.items()]
+
+
+def with_seeds(row: Row, preset: str, seeds: list[int]) -> Row:
+    fits = [row_fit(preset, row).with_seed(s) for s in seeds]
+    return dataclasses.replace(row, dir=fits[0].dir, seeds=seeds, seed_dirs=[fit.dir for fit in fits])
 
 
 def regularisation_rows(preset: str, net: Tree) -> list[Row]:
@@ -373,7 +399,14 @@ def table_rows(config: Tree) -> list[Row]:
 
 
 def row_fit(preset: str, row: Row) -> Fit:
-    return Fit(preset, row.stage, row.network, row.fit_preset, row.original, row.permutation, row.hidden, row.variant)
+    """The fit of the row's first seed (the one its applications and curves use)."""
+    return Fit(preset, row.stage, row.network, row.fit_preset, row.original, row.permutation, row.hidden, row.variant,
+               row.seeds[0])
+
+
+def row_fits(preset: str, row: Row) -> list[Fit]:
+    """One fit per seed of the row."""
+    return [row_fit(preset, row).with_seed(s) for s in row.seeds]
 
 
 def table_names(rows: list[Row]) -> list[str]:
@@ -394,7 +427,7 @@ def compressed_networks(config: Tree, rows: list[Row]) -> list[str]:
 
 
 def fit_metrics(rows: list[Row]) -> list[str]:
-    return sorted({f"{row.dir}/metrics.json" for row in rows})
+    return sorted({f"{fit_dir}/metrics.json" for row in rows for fit_dir in row.seed_dirs})
 
 
 def original_dir(preset: str, net: str, orig: str) -> str:
@@ -476,7 +509,8 @@ def fit_trees(net: Tree, fit: Fit) -> list[NamedTree]:
         trees.append(variant_set(net, fit.variant))
     elif fit.stage == "data-free":
         trees.append((f"{name}.data_free", {"data_free": True}))
-    return trees + [("the grid's predictor size", {"predictor.hidden": int(fit.hidden)})]
+    trees.append(("the grid's predictor size", {"predictor.hidden": int(fit.hidden)}))
+    return trees + ([("the grid's seed", {"seed": fit.seed})] if fit.seed else [])
 
 
 def represent_trees(net: Tree) -> list[NamedTree]:
@@ -508,7 +542,7 @@ def original_trees(net: Tree, smoothness: str | None = None, start: str | None =
 
 def fit_tags(fit: Fit, task: str, rule: str, variant: str = "default") -> str:
     return tag_args(rule=rule, preset=fit.preset, network=fit.net, task=task, fit_preset=fit.fit_recipe,
-                    original=fit.orig, permutation=fit.perm, hidden=fit.hidden, variant=variant)
+                    original=fit.orig, permutation=fit.perm, hidden=fit.hidden, variant=variant, seed=fit.seed)
 
 
 def fit_run_name(fit: Fit, variant: str = "") -> str:
@@ -564,7 +598,7 @@ def check_job(cls: type, base: Tree, trees: list[NamedTree], job: str, checked: 
 
 def validate_jobs(config: Tree, repo: str | Path, rows: list[Row]) -> None:
     """The typed config of every fit, pretrain and import job the rows need, as the CLI will build it."""
-    fits = {row.dir: row_fit(config["name"], row) for row in rows}
+    fits = {fit.dir: fit for row in rows for fit in row_fits(config["name"], row)}
     recipes: dict[str, Tree] = {}  # each fit recipe file read once (as load_config reads it)
     checked: set = set()
     for fit in fits.values():

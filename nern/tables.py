@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,26 +76,48 @@ def resolved_config(run_dir: str | Path) -> dict[str, Any]:
     return flatten(read_metadata(path).get("config", {}))
 
 
+def fit_values(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The table columns one fit's metrics.json fills."""
+    return {
+        "original_top1": metrics.get("original_top1"),
+        "reconstructed_top1": metrics.get("reconstructed_top1"),
+        "predictor_params": metrics.get("predictor_params"),
+        "size_ratio": metrics.get("size_ratio"),
+        "rec_rmse": metrics.get("rec_rmse"),
+        "agreement": metrics.get("agreement"),
+        "kl_to_original": metrics.get("kl_to_original"),
+        "iterations": metrics.get("distillation_iterations", metrics.get("iterations")),  # the data budget
+    }
+
+
+# The columns whose spread over a row's seeds the tables show (as "<column> sd").
+SPREAD_COLUMNS = ("reconstructed_top1", "agreement", "kl_to_original")
+
+
+def seed_values(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """A row over its seeds' fits: the mean of each column, the sample sd of SPREAD_COLUMNS (None for one seed),
+    and how many seeds it aggregates."""
+    out: dict[str, Any] = {"seeds": len(per_seed)}
+    for key in per_seed[0]:
+        values = [v[key] for v in per_seed if v[key] is not None]
+        out[key] = statistics.fmean(values) if values else None
+    for key in SPREAD_COLUMNS:
+        values = [v[key] for v in per_seed if v[key] is not None]
+        out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+    return out
+
+
 def load_rows(manifest: Manifest) -> pd.DataFrame:
     """One frame row per manifest row (its columns are nern.grid.Row's fields), joined with the metrics of the
-    run that fills it."""
+    runs that fill it: one fit's, or the mean (and sd) over the fits of its seeds."""
     records = []
     cache: dict[str, dict[str, Any]] = {}
     for row in manifest.rows:
-        if row.dir not in cache:
-            cache[row.dir] = run_metrics(row.dir)
-        metrics = cache[row.dir]
-        records.append({
-            **dataclasses.asdict(row),
-            "original_top1": metrics.get("original_top1"),
-            "reconstructed_top1": metrics.get("reconstructed_top1"),
-            "predictor_params": metrics.get("predictor_params"),
-            "size_ratio": metrics.get("size_ratio"),
-            "rec_rmse": metrics.get("rec_rmse"),
-            "agreement": metrics.get("agreement"),
-            "kl_to_original": metrics.get("kl_to_original"),
-            "iterations": metrics.get("distillation_iterations", metrics.get("iterations")),  # the data budget
-        })
+        for run_dir in row.seed_dirs or [row.dir]:
+            if run_dir not in cache:
+                cache[run_dir] = fit_values(run_metrics(run_dir))
+        records.append({**dataclasses.asdict(row),
+                        **seed_values([cache[run_dir] for run_dir in row.seed_dirs or [row.dir]])})
     if not records:
         raise NernError("the manifest lists no runs; add a grid to the preset's networks")
     return pd.DataFrame.from_records(records)
@@ -153,8 +176,13 @@ def main_table(rows: pd.DataFrame, published: dict[str, Any]) -> pd.DataFrame:
 
 def fidelity_columns(rows: pd.DataFrame) -> dict[str, pd.Series]:
     """Beside Δ top-1: how often the reconstruction predicts what its original predicts on the test set, and how far
-    its output distribution is from the original's (a reconstruction can match the accuracy while changing answers)."""
-    return {"agreement": rows["agreement"], "KL to original": rows["kl_to_original"]}
+    its output distribution is from the original's (a reconstruction can match the accuracy while changing answers);
+    where a row aggregates several seeds, their number and the sd of top-1 and agreement over them."""
+    columns = {"agreement": rows["agreement"], "KL to original": rows["kl_to_original"]}
+    if "seeds" in rows and (rows["seeds"] > 1).any():
+        columns |= {"seeds": rows["seeds"], "top-1 sd": rows["reconstructed_top1_sd"],
+                    "agreement sd": rows["agreement_sd"]}
+    return columns
 
 
 def regularisation_table(rows: pd.DataFrame) -> pd.DataFrame:

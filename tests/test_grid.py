@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,35 @@ def test_extra_grid_products_add_points_to_the_main_table_once_each() -> None:
     assert [(row.fit_preset, row.permutation, row.hidden) for row in main] == [
         ("fast", "crossfilter", 8), ("fast", "crossfilter", 16), ("fast", "none", 16)]
     assert len({row.dir for row in main}) == len(main)
+
+
+def test_a_point_given_several_seeds_is_one_row_of_one_fit_per_seed() -> None:
+    """grid.seeds: seed 0 keeps the plain directory (a preset without seeds keeps its paths), seed s > 0 fits in
+    h<hidden>-seed<s> with `seed` set; a point in two products has the union of their seeds."""
+    config = preset()
+    config["networks"][0]["grid"].update(fit_recipes=["fast"], permutations=["crossfilter"], hidden=[8, 16],
+                                         extra=[{"hidden": [16], "seeds": [0, 1, 2]}, {"hidden": [16], "seeds": [3]}])
+    main = {row.hidden: row for row in rows_of(config, "main")}
+    assert main[8].seeds == [0] and main[8].seed_dirs == [main[8].dir]
+    base = "results/unit/net/fit/fast/reg0/crossfilter/h16"
+    assert main[16].seeds == [0, 1, 2, 3] and main[16].dir == base
+    assert main[16].seed_dirs == [base, f"{base}-seed1", f"{base}-seed2", f"{base}-seed3"]
+    metrics = grid.fit_metrics(grid.table_rows(config))
+    assert {f"{base}-seed{s}/metrics.json" for s in (1, 2, 3)} <= set(metrics)
+    seeded = grid.Fit("unit", "fit", "net", "fast", "reg0", "crossfilter", 16, seed=2)
+    assert "seed=2" in grid.set_items(grid.fit_trees(config["networks"][0], seeded))
+    assert not any(item.startswith("seed=") for item in fit_sets(config, "fit", "fast"))  # seed 0: the recipe's
+    assert grid.seed_of_tag("-seed2") == 2 and grid.seed_of_tag("") == 0
+    assert re.fullmatch(grid.SEED_TAG, "-seed12") and re.fullmatch(grid.SEED_TAG, "")
+    assert not re.fullmatch(grid.SEED_TAG, "-seed0")  # seed 0 has one spelling: none
+
+
+def test_grid_seeds_must_be_distinct_non_negative_integers() -> None:
+    for bad in ([], [0, 0], [-1], ["a"]):
+        config = preset()
+        config["networks"][0]["grid"]["seeds"] = bad
+        with pytest.raises(Exception, match="seeds"):
+            schema_check(config)
 
 
 def test_an_imported_network_has_one_original_and_no_smoothness() -> None:

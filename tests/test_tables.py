@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pandas as pd
@@ -217,3 +218,28 @@ def test_every_fit_table_shows_agreement_and_kl_beside_delta_top1(manifest: Path
     free = built["data_free"].iloc[0]
     assert (free["agreement (task data)"], free["agreement (data-free)"]) == (95.0, 70.0)
     assert tables.format_cell("agreement", 97.591) == "97.59" and tables.format_cell("KL to original", 0.00612) == "0.0061"
+
+
+def test_a_row_over_several_seeds_shows_their_mean_sd_and_count(manifest: Path, tmp_path: Path) -> None:
+    """Seeds 0-2 of one point: the table's top-1 and agreement are their means, Δ top-1 is the mean's, and the
+    seeds, top-1 sd and agreement sd columns appear (one-seed rows: sd empty)."""
+    data = yaml.safe_load(manifest.read_text())
+    runs = tmp_path / "seeds"
+    dirs = [_run(runs, f"s{i}", top1, agreement=agreement) for i, (top1, agreement)
+            in enumerate([(88.0, 96.0), (89.0, 97.0), (90.5, 95.5)])]
+    row = _row("main", "fast", dirs[0], perm="crossfilter", hidden=200)
+    data["rows"].append({**row, "seeds": [0, 1, 2], "seed_dirs": dirs})
+    manifest.write_text(yaml.safe_dump(data))
+    main = tables.build_tables(_rows(manifest), {})["main"]
+    seeded = main[main["h"] == 200].iloc[0]
+    assert seeded["seeds"] == 3 and seeded["top-1"] == pytest.approx(89.1666667)
+    assert seeded["Δ top-1"] == pytest.approx(89.1666667 - 90.0)
+    assert seeded["top-1 sd"] == pytest.approx(statistics.stdev([88.0, 89.0, 90.5]))
+    assert seeded["agreement"] == pytest.approx(96.1666667)
+    assert seeded["agreement sd"] == pytest.approx(statistics.stdev([96.0, 97.0, 95.5]))
+    single = main[main["h"] == 180].iloc[0]
+    assert single["seeds"] == 1 and pd.isna(single["top-1 sd"])
+
+
+def test_rows_of_one_seed_each_have_no_seed_columns(manifest: Path) -> None:
+    assert "seeds" not in tables.build_tables(_rows(manifest), {})["main"].columns

@@ -238,7 +238,7 @@ def test_the_targets_codec_sweep_sizes_one_fit_per_target() -> None:
 
 
 def test_the_cpu_cifar_preset_builds_the_issues_design() -> None:
-    """config/cifar10-cpu.yaml (issues #14, #32): in-domain originals (the public weights imported, then fine-tuned:
+    """config/cifar10-cpu.yaml (issues #14, #32): the headline points at seeds 0-2; in-domain originals (the public weights imported, then fine-tuned:
     ResNet20 with smoothness 0 and 5e-6, ResNet56 with 0); ResNet20 in three permutation modes at 160 and 180 with
     the loss and embedding ablations, one data-free fit and the regularisation row at 5e-6; ResNet56 crossfilter at
     280 and 320 plus none at 320 only; meta-compression and importance on the two reference fits. Needs ../shared,
@@ -251,11 +251,14 @@ def test_the_cpu_cifar_preset_builds_the_issues_design() -> None:
     done = snakemake(["-n", "--forceall", "--nolock", "--configfile", preset, "--cores", "2"], cwd=REPO,
                      timeout_s=300)
     assert done.returncode == 0, tail(done)
-    assert job_counts(output(done)) == {"import_weights": 2, "pretrain": 3, "permute": 6, "fit": 10,
+    assert job_counts(output(done)) == {"import_weights": 2, "pretrain": 3, "permute": 6, "fit": 14,
                                         "fit_ablation": 2, "fit_data_free": 1, "compress": 2, "importance": 2,
                                         "manifest": 1, "tables": 1, "all": 1}
-    resnet56 = set(re.findall(r"cifar10-resnet56/fit/fast/reg0/(\w+/h\d+)/metrics\.json", output(done)))
-    assert resnet56 == {"crossfilter/h280", "crossfilter/h320", "none/h320"}
+    resnet56 = set(re.findall(r"cifar10-resnet56/fit/fast/reg0/(\w+/h[\w-]+)/metrics\.json", output(done)))
+    assert resnet56 == {"crossfilter/h280", "crossfilter/h320", "none/h320", "crossfilter/h320-seed1",
+                        "crossfilter/h320-seed2"}  # the headline points at seeds 0, 1, 2
+    resnet20 = set(re.findall(r"cifar10-resnet20/fit/fast/reg0/crossfilter/(h180[\w-]*)/metrics", output(done)))
+    assert resnet20 == {"h180", "h180-seed1", "h180-seed2"}
 
 
 def test_a_config_typo_fails_before_any_job_naming_the_key(tmp_path: Path) -> None:

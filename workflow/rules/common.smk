@@ -6,9 +6,10 @@
 # templates below results/<preset>/<network>/ are spelled once, in nern/grid.py:
 #   original/{orig}/                           the original network: orig = reg<factor> (pretrained) or imported
 #   permutation/{orig}/{perm}.safetensors      coordinate permutation of that original
-#   fit/{fit_recipe}/{orig}/{perm}/h{hidden}/  one NeRN fit of the main grid (also the regularisation table)
-#   ablation/{variant}/{fit_recipe}/{orig}/{perm}/h{hidden}/    an ablation fit
-#   data-free/{fit_recipe}/{orig}/{perm}/h{hidden}/             a data-free fit
+#   fit/{fit_recipe}/{orig}/{perm}/h{hidden}{seed}/  one NeRN fit of the main grid (also the regularisation table);
+#                                              seed: "" for seed 0, -seed<s> for a grid's further seeds
+#   ablation/{variant}/{fit_recipe}/{orig}/{perm}/h{hidden}{seed}/    an ablation fit
+#   data-free/{fit_recipe}/{orig}/{perm}/h{hidden}{seed}/             a data-free fit
 #   <fit dir>/{compress,importance}/           the application stages' outputs, beside the fit
 # logs/<preset>/ and benchmarks/<preset>/ mirror them (one .log / .tsv per job).
 # The per-job overrides are rule params, so changing one in the config reruns exactly the jobs it touches.
@@ -65,6 +66,7 @@ wildcard_constraints:
     reg=r"[0-9.e+-]+",
     perm="|".join(GRID_PERMUTATIONS),
     hidden=r"[0-9]+",
+    seed=grid.SEED_TAG,
     fit_recipe="|".join(map(re.escape, config["fit_recipes"])),
     variant=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",
 
@@ -131,7 +133,7 @@ def permutation_input(wildcards):
 def fit_of(wildcards, stage):
     variant = wildcards.variant if stage == "ablation" else ""
     return grid.Fit(PRESET, stage, wildcards.net, wildcards.fit_recipe, wildcards.orig, wildcards.perm,
-                    int(wildcards.hidden), variant)
+                    int(wildcards.hidden), variant, grid.seed_of_tag(wildcards.seed))
 
 
 def fit_params(stage, rule_name, variant=None):
@@ -170,7 +172,7 @@ def rule_resources(rule_name, per_network=True):
 
 # A fit directory below results/<preset>/<network>/ (FIT_DIRS): fit/..., data-free/... or ablation/<variant>/...
 FIT_DIR_PATTERN = (r"(fit|data-free|ablation/[A-Za-z0-9][A-Za-z0-9_.+-]*)/[^/]+/(imported|reg[0-9.e+-]+)/("
-                   + "|".join(GRID_PERMUTATIONS) + r")/h[0-9]+")
+                   + "|".join(GRID_PERMUTATIONS) + r")/h[0-9]+" + grid.SEED_TAG)
 
 
 def application_path(stage, name):
