@@ -30,7 +30,7 @@ from nern.smoothness import smoothness_penalty
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "curves.csv"
-NON_RESULT_KEYS = ("progress", "eval_every_epochs", "checkpoint_every", "threads", "device")
+NON_RESULT_KEYS = ("progress", "eval_every_epochs", "checkpoint_every", "threads", "device", "channels_last")
 LOG_EVERY = 10  # a curves row every 10 iterations, and at every evaluation
 
 
@@ -44,6 +44,8 @@ class Pretraining:
 
     def __init__(self, cfg: PretrainConfig, model: nn.Module, splits: Any):
         self.cfg, self.model, self.splits = cfg, model, splits
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model.to(memory_format=self.memory_format)
         self.stream = data_mod.train_stream(cfg.data, cfg.seed, splits.train)
         self.per_epoch = self.stream.batches_per_epoch
         self.total = max(1, math.ceil(cfg.epochs * self.per_epoch))
@@ -60,7 +62,7 @@ class Pretraining:
     def step(self) -> dict[str, float]:
         self.model.train()
         x, y = self.stream.next()
-        x, y = x.to(self.cfg.device), y.to(self.cfg.device)
+        x, y = x.to(self.cfg.device, memory_format=self.memory_format), y.to(self.cfg.device)
         ce = F.cross_entropy(self.model(x), y)
         loss = ce
         if self.smoothed:
@@ -125,7 +127,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, model: nn.Module | Non
     loop = task.training_loop(out, tracker)
     loop.resume()
     history = loop.run()
-    model.eval()
+    model.eval().to(memory_format=torch.contiguous_format)  # the saved tensors in the usual layout
     metrics = {
         "test_top1": task.accuracy(splits.test),
         "val_top1": task.accuracy(splits.val) if splits.val else None,
