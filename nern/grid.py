@@ -456,7 +456,7 @@ def write_manifest(path: str | Path, data: dict[str, Any]) -> None:
 
 def application_dirs(config: Tree, rows: list[Row], stage: str | None = None) -> list[str]:
     """The fits meta-compression and weight importance run on: `applications: all`, every distinct fit of the
-    tables; `reference`, each network's reference fit only; `none`, no fit; or one of those per stage
+    tables, each seed's; `reference`, each network's reference fit only; `none`, no fit; or one of those per stage
     (`applications: {compress: all, importance: none}`, a stage left out: all)."""
     choice = config.get("applications", "all")
     if isinstance(choice, dict):
@@ -465,7 +465,7 @@ def application_dirs(config: Tree, rows: list[Row], stage: str | None = None) ->
         return []
     if choice == "reference":
         return sorted({reference_fit(config["name"], net).dir for net in config["networks"]})
-    return sorted({row.dir for row in rows})
+    return sorted({fit_dir for row in rows for fit_dir in row.seed_dirs or [row.dir]})
 
 
 # -- the overrides each job runs with ------------------------------------------------------------------------

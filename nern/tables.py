@@ -29,7 +29,7 @@ from nern.config import GRID_PERMUTATIONS, NETWORK_PERMUTATIONS, flatten, read_y
 from nern.errors import NernError
 from nern.compress import CSV_FILE as COMPRESSION_CSV
 from nern.compress import PRECISION_MARKERS, marker_key
-from nern.grid import Manifest
+from nern.grid import Manifest, seed_tag
 from nern.measure import pareto_front
 from nern.plots import pyplot, save_figure
 from nern.table_format import MISSING_MD, format_cell, formatted, to_markdown  # noqa: F401 (re-exported)
@@ -434,9 +434,9 @@ def compression_csv(run_dir: str | Path) -> Path:
     return Path(run_dir) / "compress" / COMPRESSION_CSV
 
 
-def _fit_name(row: Any) -> str:
+def _fit_name(row: Any, seed: int = 0) -> str:
     variant = "" if row.variant in ("", "default") else f"/{row.variant}"
-    return f"{row.fit_preset}/{row.permutation}/h{row.hidden}{variant}"
+    return f"{row.fit_preset}/{row.permutation}/h{row.hidden}{seed_tag(seed)}{variant}"
 
 
 def rate_distortion_rows(manifest: Manifest) -> pd.DataFrame:
@@ -444,15 +444,16 @@ def rate_distortion_rows(manifest: Manifest) -> pd.DataFrame:
     files (the same in every job of a network) once per network and permutation of the network itself. Empty
     when no fit was compressed."""
     frames, seen = [], set()
-    for row in manifest.rows:
-        path = compression_csv(row.dir)
-        if row.dir in seen or not path.is_file():
+    for row, seed, run_dir in ((row, seed, d) for row in manifest.rows
+                               for seed, d in zip(row.seeds, row.seed_dirs or [row.dir])):
+        path = compression_csv(run_dir)
+        if run_dir in seen or not path.is_file():
             continue
-        seen.add(row.dir)
+        seen.add(run_dir)
         df = pd.read_csv(path)
         original = df["representation"] == "original"
         # a network permutation (symmetry) hands compress the permuted network: its own original rows
-        df["fit"] = _fit_name(row)
+        df["fit"] = _fit_name(row, seed)
         df.loc[original, "fit"] = "original" + (f" ({row.permutation})" if row.permutation in NETWORK_PERMUTATIONS
                                                  else "")
         df["network"] = row.network

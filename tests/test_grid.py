@@ -95,6 +95,7 @@ def test_a_point_given_several_seeds_is_one_row_of_one_fit_per_seed() -> None:
     assert grid.seed_of_tag("-seed2") == 2 and grid.seed_of_tag("") == 0
     assert re.fullmatch(grid.SEED_TAG, "-seed12") and re.fullmatch(grid.SEED_TAG, "")
     assert not re.fullmatch(grid.SEED_TAG, "-seed0")  # seed 0 has one spelling: none
+    assert {f"{base}-seed{s}" for s in (1, 2, 3)} <= set(grid.application_dirs(config, grid.table_rows(config)))
 
 
 def test_grid_seeds_must_be_distinct_non_negative_integers() -> None:

@@ -157,6 +157,20 @@ def _compressed(run_dir: str, nern: list[tuple[str, int, float]], original: list
     pd.DataFrame(rows).to_csv(Path(run_dir) / "compress" / "compression.csv", index=False)
 
 
+def test_rate_distortion_has_each_seeds_files_under_its_own_fit_name(manifest: Path, tmp_path: Path) -> None:
+    data = yaml.safe_load(manifest.read_text())
+    runs = tmp_path / "seeds"
+    dirs = [_run(runs, f"s{i}", 88.0 + i) for i in range(2)]
+    for i, run_dir in enumerate(dirs):
+        _compressed(run_dir, [("nern fp16", 1000 + i, 88.0 + i)], [("original fp32", 4000, 90.0)])
+    data["rows"].append({**_row("main", "fast", dirs[0], hidden=200), "seeds": [0, 1], "seed_dirs": dirs})
+    manifest.write_text(yaml.safe_dump(data))
+    rows = tables.rate_distortion_rows(tables.load_manifest(manifest))
+    nern = rows[rows["representation"] != "original"]
+    assert sorted(nern["fit"]) == ["fast/crossfilter/h200", "fast/crossfilter/h200-seed1"]
+    assert sorted(nern["bytes"]) == [1000, 1001]
+
+
 def test_rate_distortion_joins_every_compressed_fit_and_marks_the_front(manifest: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     original = [("fp32", 1000, 90.0), ("int8", 300, 89.5), ("nnc-26", 200, 89.0)]
