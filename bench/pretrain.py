@@ -7,7 +7,7 @@ nern/pretrain.py` touches only loading and evaluation), so the `contiguous` vari
 Public ResNet20 fine-tuned on CIFAR-10 (JPEG) at batch 256, lr 0.01, as config/cifar10-cpu.yaml does. Prints the
 configuration and the machine first, a table, and ONE JSON line.
 
-    python -m bench.pretrain --threads 2                                  # ~5 min
+    python -m bench.pretrain --threads 2 --steps 5 --rounds 3 --warmup 2  # ~2 min
     python -m bench.pretrain --threads 1 --steps 2 --rounds 1 --warmup 1 --variants contiguous  # a smoke test
 Skips (exit 0, says why) when the public weights or the data are absent.
 """

@@ -219,9 +219,10 @@ class PretrainConfig:
     device: str = "cpu"
     threads: int | None = None
     progress: bool = True
-    # NHWC activations and weights: the same network and numbers (up to summation order), ~1.7x the images/s of
-    # a ResNet20 step on a 2-core CPU (bench/pretrain.py); not a result-changing key
-    channels_last: bool = True
+    # NHWC activations and weights: the same step up to summation order. Off: on a quiet 2-core CPU it gave 1.03x
+    # the images/s of a ResNet20 step already at 78% of matmul (bench/pretrain.py, docs/PERFORMANCE.md); not a
+    # result-changing key
+    channels_last: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------

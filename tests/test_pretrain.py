@@ -128,7 +128,7 @@ def test_a_fine_tune_from_weights_of_another_architecture_is_refused(fashion_mni
 
 
 def test_channels_last_takes_the_same_step_and_saves_the_usual_layout(fashion_mnist_root, tmp_path):
-    """channels_last (the default, ~1.7x the images/s on a CPU) changes the memory layout only: one step from the
+    """channels_last (an option; 1.03x the images/s on a quiet CPU) changes the memory layout only: one step from the
     same weights on the same batch moves every tensor the same way (up to summation order, which BatchNorm's
     cancelling gradients amplify to ~1% of a step), and the saved model is contiguous."""
     from nern import data as data_mod
