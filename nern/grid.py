@@ -60,6 +60,11 @@ class Row:
     seeds: list[int] = field(default_factory=lambda: [0])  # one fit per seed, aggregated in the tables
     seed_dirs: list[str] = field(default_factory=list)  # their directories, in the order of `seeds`
 
+    @property
+    def fit_dirs(self) -> list[str]:
+        """The directory of each seed's fit (a manifest written before seeds existed has `dir` only)."""
+        return self.seed_dirs or [self.dir]
+
 
 @dataclass(frozen=True)
 class ManifestNetwork:
@@ -350,7 +355,7 @@ def main_rows(preset: str, net: Tree) -> list[Row]:
 
 
 def with_seeds(row: Row, preset: str, seeds: list[int]) -> Row:
-    fits = [row_fit(preset, row).with_seed(s) for s in seeds]
+    fits = row_fits(preset, dataclasses.replace(row, seeds=seeds))
     return dataclasses.replace(row, dir=fits[0].dir, seeds=seeds, seed_dirs=[fit.dir for fit in fits])
 
 
@@ -427,7 +432,7 @@ def compressed_networks(config: Tree, rows: list[Row]) -> list[str]:
 
 
 def fit_metrics(rows: list[Row]) -> list[str]:
-    return sorted({f"{fit_dir}/metrics.json" for row in rows for fit_dir in row.seed_dirs})
+    return sorted({f"{fit_dir}/metrics.json" for row in rows for fit_dir in row.fit_dirs})
 
 
 def original_dir(preset: str, net: str, orig: str) -> str:
@@ -465,7 +470,7 @@ def application_dirs(config: Tree, rows: list[Row], stage: str | None = None) ->
         return []
     if choice == "reference":
         return sorted({reference_fit(config["name"], net).dir for net in config["networks"]})
-    return sorted({fit_dir for row in rows for fit_dir in row.seed_dirs or [row.dir]})
+    return sorted({fit_dir for row in rows for fit_dir in row.fit_dirs})
 
 
 # -- the overrides each job runs with ------------------------------------------------------------------------

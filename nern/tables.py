@@ -113,11 +113,10 @@ def load_rows(manifest: Manifest) -> pd.DataFrame:
     records = []
     cache: dict[str, dict[str, Any]] = {}
     for row in manifest.rows:
-        for run_dir in row.seed_dirs or [row.dir]:
+        for run_dir in row.fit_dirs:
             if run_dir not in cache:
                 cache[run_dir] = fit_values(run_metrics(run_dir))
-        records.append({**dataclasses.asdict(row),
-                        **seed_values([cache[run_dir] for run_dir in row.seed_dirs or [row.dir]])})
+        records.append({**dataclasses.asdict(row), **seed_values([cache[run_dir] for run_dir in row.fit_dirs])})
     if not records:
         raise NernError("the manifest lists no runs; add a grid to the preset's networks")
     return pd.DataFrame.from_records(records)
@@ -444,8 +443,7 @@ def rate_distortion_rows(manifest: Manifest) -> pd.DataFrame:
     files (the same in every job of a network) once per network and permutation of the network itself. Empty
     when no fit was compressed."""
     frames, seen = [], set()
-    for row, seed, run_dir in ((row, seed, d) for row in manifest.rows
-                               for seed, d in zip(row.seeds, row.seed_dirs or [row.dir])):
+    for row, seed, run_dir in ((row, seed, d) for row in manifest.rows for seed, d in zip(row.seeds, row.fit_dirs)):
         path = compression_csv(run_dir)
         if run_dir in seen or not path.is_file():
             continue
