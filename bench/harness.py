@@ -59,10 +59,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_flops(device: str, size: int = 2048, repeats: int = 10, rounds: int = 5) -> float:
-    """A dense fp32 matmul's FLOP/s, the BEST of several rounds: the machine's limit, so a fraction of it errs low."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def matmul_flops(device: str, size: int = 2048, repeats: int = 10, rounds: int = 5,
+                 dtype: torch.dtype = torch.float32) -> float:
+    """A dense matmul's FLOP/s (fp32 unless `dtype`), the BEST of several rounds: the machine's limit, so a fraction
+    of it errs low."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     best = 0.0

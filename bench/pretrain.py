@@ -1,13 +1,14 @@
 """Training an original network on the CPU: images/s of `nern pretrain`'s step (nern.pretrain.Pretraining) and
-its FLOP/s against the same process's dense matmul, with memory-format and compile variants timed in alternating
-rounds in one process, so each speed-up is a ratio from one run (issue #36).
+its FLOP/s against the same process's dense matmul, with memory-format, compile and bf16-autocast variants timed in
+alternating rounds in one process, so each speed-up is a ratio from one run (issue #36). A bf16 variant's fraction
+is of the bf16 matmul (fast only on a CPU with AVX512-BF16 or AMX: `nern.config.bf16_native`).
 
 The step (SGD on cross-entropy, the data stream's crop + flip) is unchanged since 2aaff84 (`git diff 2aaff84 --
 nern/pretrain.py` touches only loading and evaluation), so the `contiguous` variant IS the baseline commit's step.
 Public ResNet20 fine-tuned on CIFAR-10 (JPEG) at batch 256, lr 0.01, as config/cifar10-cpu.yaml does. Prints the
 configuration and the machine first, a table, and ONE JSON line.
 
-    python -m bench.pretrain --threads 2 --steps 5 --rounds 3 --warmup 2  # ~2 min
+    python -m bench.pretrain --threads 2 --steps 5 --rounds 3 --warmup 2  # ~3 min
     python -m bench.pretrain --threads 1 --steps 2 --rounds 1 --warmup 1 --variants contiguous  # a smoke test
 Skips (exit 0, says why) when the public weights or the data are absent.
 """
@@ -23,8 +24,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.harness import CIFAR10_JPEG, emit, machine, matmul_flops, public_weights, skip
+from nern.config import bf16_native
 
-VARIANTS = ("contiguous", "channels_last", "compile", "channels_last+compile")
+VARIANTS = ("contiguous", "channels_last", "compile", "channels_last+compile", "bf16", "channels_last+bf16")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +50,8 @@ def task(args: argparse.Namespace, variant: str) -> Any:
     cfg = load_config(PretrainConfig, None, [
         f"model.arch={args.arch}", "model.shortcut=A", f"model.checkpoint={public_weights(args.arch)}",
         "data.name=imagefolder", f"data.root={CIFAR10_JPEG}", "data.val_size=5000",
-        f"data.batch_size={args.batch_size}", "lr=0.01", "milestones=[]", "progress=false"])
+        f"data.batch_size={args.batch_size}", "lr=0.01", "milestones=[]", "progress=false",
+        f"autocast_bf16={'bf16' in variant}"])
     model = starting_model(cfg)
     splits = data_mod.build_splits(cfg.data)
     channels_last = variant.startswith("channels_last")
@@ -103,21 +106,25 @@ def main(argv: list[str] | None = None) -> None:
     flops = step_flops(runs[args.variants[0]])
     per_data = data_seconds(runs[args.variants[0]], max(3, args.steps))
     matmul = matmul_flops("cpu")
+    matmul_bf16 = matmul_flops("cpu", dtype=torch.bfloat16) if any("bf16" in v for v in args.variants) else None
     times = time_rounds(runs, args)
     base = statistics.median(times[args.variants[0]])
     rows = []
     print(f"step: {flops / 1e9:.1f} GFLOP (fwd+bwd, batch {args.batch_size}); data stream {per_data * 1e3:.0f} ms/step;"
-          f" matmul {matmul / 1e9:.0f} GFLOP/s")
+          f" matmul {matmul / 1e9:.0f} GFLOP/s" + (f", bf16 {matmul_bf16 / 1e9:.0f}" if matmul_bf16 else "")
+          + f"; bf16 native: {bf16_native('cpu')}")
     print(f"{'variant':<24} {'s/step':>8} {'img/s':>7} {'GFLOP/s':>8} {'of matmul':>9} {'vs ' + args.variants[0]:>16}")
     for name, seconds in times.items():
         med = statistics.median(seconds)
         row = {"variant": name, "seconds_per_step": med, "images_per_second": args.batch_size / med,
-               "gflops": flops / med / 1e9, "fraction_of_matmul": flops / med / matmul, "speedup": base / med,
+               "gflops": flops / med / 1e9, "speedup": base / med,
+               "fraction_of_matmul": flops / med / (matmul_bf16 if "bf16" in name else matmul),
                "rounds": seconds}
         rows.append(row)
         print(f"{name:<24} {med:>8.3f} {row['images_per_second']:>7.0f} {row['gflops']:>8.1f} "
               f"{row['fraction_of_matmul']:>9.1%} {row['speedup']:>15.2f}x")
     emit("pretrain", step_gflop=flops / 1e9, data_seconds_per_step=per_data, matmul_gflops=matmul / 1e9,
+         matmul_bf16_gflops=matmul_bf16 / 1e9 if matmul_bf16 else None, bf16_native=bf16_native("cpu"),
          rows=rows, machine=machine())
 
 

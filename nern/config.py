@@ -195,7 +195,9 @@ class FitConfig:
     device: str = "cpu"
     threads: int | None = None
     compile: bool = False
-    autocast_bf16: bool = False
+    # Predictor and reconstructed network in bfloat16 (losses fp32). "auto": on where the device computes in bf16
+    # natively (bf16_native), else off; metrics.json records what ran (`bf16`)
+    autocast_bf16: bool | Literal["auto"] = False
     progress: bool = True
 
 
@@ -223,6 +225,9 @@ class PretrainConfig:
     # the images/s of a ResNet20 step already at 78% of matmul (bench/pretrain.py, docs/PERFORMANCE.md); not a
     # result-changing key
     channels_last: bool = False
+    # Forward and backward in bfloat16 (torch.autocast; weights, SGD and the loss stay fp32): fast only where the
+    # device has bf16 arithmetic (bf16_native); "auto" turns it on there; a result-changing key
+    autocast_bf16: bool | Literal["auto"] = False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,7 +251,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except NernError as exc:
                 errors.append(str(exc))
-        raise NernError(errors[0] if errors else f"config key '{key}': invalid value {value!r}")
+        if not errors:
+            raise NernError(f"config key '{key}': invalid value {value!r}")
+        prefix = f"config key '{key}': "
+        raise NernError(prefix + "; or ".join(e.removeprefix(prefix) for e in errors))
     if origin is Literal:
         if value not in args:
             allowed = ", ".join(repr(a) for a in args)
@@ -424,6 +432,27 @@ def check_device(device: str, key: str = "device") -> None:
     if kind == "mps":
         _require(torch.backends.mps.is_available(), key, f"{device!r} asked for, but MPS is not available here; "
                  "set device=cpu")
+
+
+def bf16_native(device: str) -> bool:
+    """Whether `device` computes in bfloat16 natively (a CPU with AVX512-BF16 or AMX, a CUDA GPU that supports it);
+    elsewhere bf16 is emulated and slower than fp32."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def use_bf16(setting: bool | str, device: str) -> bool:
+    """The `autocast_bf16` setting resolved on this machine: true, false, or "auto" = bf16_native(device)."""
+    return bf16_native(device) if setting == "auto" else bool(setting)
 
 
 def validate(cfg: Any) -> None:

@@ -170,6 +170,7 @@ def fit_metrics(fitter: Fitter, history: History, resumed: bool) -> dict[str, An
         "seconds_per_iteration": history.train_seconds / max(1, it),
         "final_loss": history.curves[-1]["loss"] if history.curves else None,
         "data_free": fitter.cfg.data_free,
+        "bf16": fitter.bf16,  # autocast_bf16 as it ran on this machine ("auto" resolved)
         "resumed": resumed,
         "layers": layer_errors(fitter.reconstructed_weights(), fitter.originals, s.rep.layers),
     }

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from nern import data as data_mod
-from nern.config import FitConfig, flatten, to_dict
+from nern.config import FitConfig, flatten, to_dict, use_bf16
 from nern.errors import NernError
 from nern.fit_setup import FitSetup, attach_tuned, build_predictor, layer_scales
 from nern.losses import (LossWeights, Terms, distillation_terms, kernel_rows_reconstruction_loss, label_term,
@@ -40,6 +40,7 @@ class Method:
 
     def __init__(self, cfg: FitConfig, setup: FitSetup):
         self.cfg, self.s, self.device = cfg, setup, torch.device(cfg.device)
+        self.bf16 = use_bf16(cfg.autocast_bf16, cfg.device)  # departure autocast_bf16, resolved on this machine
         torch.manual_seed(cfg.seed)
         self.predictor, self.forward_predictor = build_predictor(cfg, setup, self.device)  # §3
         self.tuned = attach_tuned(cfg, setup)  # departure tune_verbatim, else None
@@ -88,7 +89,7 @@ class Method:
         sampled = self.sampler.sample()
         if sampled is not None:
             sampled = sampled.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             weights = self.predict_weights(sampled)
         return self.objective(weights, lam)
 
@@ -105,7 +106,7 @@ class Method:
             x, labels = (t.to(self.device, non_blocking=True) for t in self.stream.next())
             with torch.no_grad():
                 teacher_logits, teacher_maps = self.networks.teacher(x)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 kd, fmd, ce = self._distil(weights, x, labels, teacher_logits, teacher_maps, lam.kd > 0, lam.fmd > 0,
                                            lam.ce > 0)
         return Terms(nern_objective(lam, rec, kd, fmd, ce), rec, kd, fmd, ce)
@@ -126,7 +127,7 @@ class Method:
     def kernel_rows_objective(self, lam: LossWeights) -> Terms:
         """Departure rec_only_batch: a reconstruction-only step on a subset of kernel rows, only those through
         the predictor."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             rec = self.rec_rows.term(self.forward_predictor, self.s.embeddings)
         zero = rec.new_zeros(())
         return Terms(nern_objective(lam, rec, zero, zero), rec, zero, zero, zero)

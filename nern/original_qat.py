@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nern import data as data_mod
-from nern.config import FitConfig
+from nern.config import FitConfig, use_bf16
 from nern.errors import NernError
 from nern.feature_maps import FeatureMapRecorder
 from nern.layers import ConvLayer
@@ -120,7 +120,7 @@ class OriginalQAT:
             teacher_logits = self.teacher(x)
             teacher_maps = list(maps)
         lam = self.weights
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16(self.cfg.autocast_bf16, self.cfg.device)):
             with self.student_maps.record() as maps:
                 logits = self.student(x)
                 student_maps = list(maps)

@@ -20,7 +20,7 @@ from torch import nn
 from nern import data as data_mod
 from nern.artifacts import remove_stale_temporaries, write_json
 from nern.checkpoint import fingerprint
-from nern.config import PretrainConfig, flatten, to_dict
+from nern.config import PretrainConfig, flatten, to_dict, use_bf16
 from nern.errors import NernError
 from nern.layers import find_conv_layers
 from nern.loop import CHECKPOINT_FILE, LoopPlan, TrainingLoop, clear_resume_state, write_curves
@@ -45,6 +45,7 @@ class Pretraining:
     def __init__(self, cfg: PretrainConfig, model: nn.Module, splits: Any):
         self.cfg, self.model, self.splits = cfg, model, splits
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.bf16 = use_bf16(cfg.autocast_bf16, cfg.device)
         model.to(memory_format=self.memory_format)
         self.stream = data_mod.train_stream(cfg.data, cfg.seed, splits.train)
         self.per_epoch = self.stream.batches_per_epoch
@@ -63,7 +64,9 @@ class Pretraining:
         self.model.train()
         x, y = self.stream.next()
         x, y = x.to(self.cfg.device, memory_format=self.memory_format), y.to(self.cfg.device)
-        ce = F.cross_entropy(self.model(x), y)
+        with torch.autocast(torch.device(self.cfg.device).type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(x)
+        ce = F.cross_entropy(logits.float(), y)
         loss = ce
         if self.smoothed:
             loss = loss + self.cfg.smoothness * smoothness_penalty(self.smoothed)
@@ -135,6 +138,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, model: nn.Module | Non
         "iterations": task.iteration,
         "smoothness": cfg.smoothness,
         "start_checkpoint": cfg.model.checkpoint,
+        "bf16": task.bf16,  # autocast_bf16 as it ran on this machine ("auto" resolved)
         "wall_seconds": history.train_seconds,
         "seconds_per_iteration": history.train_seconds / max(1, task.iteration),
     }

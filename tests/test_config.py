@@ -72,3 +72,18 @@ def test_asking_for_a_gpu_on_a_machine_without_one_fails_before_any_data_is_read
         load_config(FitConfig, None, ["device=cuda"])
     with pytest.raises(NernError, match=r"'device'.*no CUDA GPU"):
         load_config(PretrainConfig, None, ["device=cuda:1"])
+
+
+def test_autocast_bf16_takes_true_false_or_auto_and_auto_follows_the_device(monkeypatch):
+    """'auto' turns bf16 on only where the device computes in bf16 natively (emulated bf16 is slower than fp32)."""
+    import nern.config as config_mod
+
+    assert load_config(FitConfig, None, ["autocast_bf16=auto"]).autocast_bf16 == "auto"
+    assert load_config(PretrainConfig, None, ["autocast_bf16=true"]).autocast_bf16 is True
+    with pytest.raises(NernError, match="autocast_bf16.*true or false.*auto"):
+        load_config(FitConfig, None, ["autocast_bf16=maybe"])
+    assert config_mod.use_bf16(True, "cpu") and not config_mod.use_bf16(False, "cpu")
+    for native in (True, False):
+        monkeypatch.setattr(config_mod, "bf16_native", lambda device, native=native: native)
+        assert config_mod.use_bf16("auto", "cpu") is native
+    assert not config_mod.bf16_native("meta")

@@ -471,3 +471,20 @@ def test_the_validation_split_is_fixed_by_split_seed_not_by_the_fit_seed(fashion
     assert torch.equal(va.images, vb.images) and torch.equal(va.labels, vb.labels)
     moved = tiny_fit(fashion_mnist_root, seed=0, data={"split_seed": 1})
     assert not torch.equal(prepare(moved).splits.val.images, va.images)
+
+
+@pytest.mark.parametrize("setting", [True, "auto"])
+def test_a_bf16_fit_trains_fp32_parameters_and_records_what_ran(fashion_mnist_root, tmp_path, setting):
+    """autocast_bf16: the predictor's parameters stay fp32 and move; metrics.json says whether bf16 ran ('auto'
+    resolved by bf16_native on this machine)."""
+    from nern.config import bf16_native
+
+    cfg = tiny_fit(fashion_mnist_root, iterations=3, eval_every=0, autocast_bf16=setting)
+    with Fitter(cfg, prepare(cfg), tmp_path) as fitter:
+        before = [p.detach().clone() for p in fitter.predictor.parameters()]
+        metrics = fitter.run()
+        after = list(fitter.predictor.parameters())
+    assert all(p.dtype == torch.float32 for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    assert metrics["bf16"] is (True if setting is True else bf16_native("cpu"))
+    assert torch.isfinite(torch.tensor(metrics["rec_rmse"]))

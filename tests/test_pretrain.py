@@ -155,3 +155,33 @@ def test_channels_last_takes_the_same_step_and_saves_the_usual_layout(fashion_mn
     pretrain(cfg, tmp_path / "run")
     saved, _ = load_tensors(tmp_path / "run" / "model.safetensors")
     assert all(tensor.is_contiguous() for tensor in saved.values())
+
+
+def test_bf16_autocast_step_stays_close_to_fp32_and_keeps_fp32_weights(fashion_mnist_root, tmp_path):
+    """autocast_bf16 computes forward/backward in bfloat16 but SGD updates fp32 weights: one step from the same
+    weights moves them like the fp32 step (within bf16's precision), and the run records what it used."""
+    from nern import data as data_mod
+    from nern.models import build_model
+
+    cfg = tiny_pretrain(fashion_mnist_root)
+    cfg.smoothness = 0.0
+    splits = data_mod.build_splits(cfg.data)
+    torch.manual_seed(0)
+    init = build_model(cfg.model)
+    before = {k: v.clone() for k, v in init.state_dict().items() if v.is_floating_point()}
+    moved = {}
+    for bf16 in (True, False):
+        cfg.autocast_bf16 = bf16
+        model = copy.deepcopy(init)
+        run = Pretraining(cfg, model, splits)
+        assert run.bf16 is bf16
+        run.step()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        moved[bf16] = {k: v - before[k] for k, v in model.state_dict().items() if k in before}
+    conv = next(k for k in moved[False] if k.endswith("conv1.weight"))
+    step = moved[False][conv]
+    assert 0 < (moved[True][conv] - step).norm() <= 0.2 * step.norm()  # different arithmetic, the same step
+    cfg.autocast_bf16, cfg.epochs = "auto", 0.005
+    metrics = pretrain(cfg, tmp_path / "run")
+    from nern.config import bf16_native
+    assert metrics["bf16"] is bf16_native("cpu")
