@@ -188,6 +188,8 @@ class FitConfig:
     # reconstructed network; the predictor file carries them (`tuned.<name>`). They are stored anyway, so a codec
     # gets their adjustment to the predicted kernels for no bytes. Off: the original's, as in the paper.
     tune_verbatim: bool = False
+    # validation every N iterations, counted from the end of the reconstruction-only phase (evaluated there);
+    # 0: only the final iterate. The test set is measured once, at the end (docs/PROTOCOL.md)
     eval_every: int = 200
     checkpoint_every: int = 100
     select_best_on_val: bool = False

@@ -120,8 +120,11 @@ def fit(cfg: FitConfig, out_dir: str | Path, *, model: nn.Module | None = None,
 
 
 def fit_plan(cfg: FitConfig, total: int) -> LoopPlan:
-    """About 100 curves rows per run, at most one per 10 iterations."""
+    """About 100 curves rows per run, at most one per 10 iterations. Evaluations count from the end of the
+    reconstruction-only phase (evaluated once there): its L_rec is in every curves row, and validation passes
+    during it cost more than the phase's own steps (25 of them in a fast fit's 4,800 steps at eval_every 200)."""
     return LoopPlan("fit", total, log_every=max(1, min(10, total // 100 or 1)), eval_every=cfg.eval_every,
+                    eval_from=min(cfg.rec_only_iterations, total),
                     checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, postfix=("loss", "rec", "kd", "fmd"))
 
 

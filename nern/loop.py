@@ -51,6 +51,7 @@ class LoopPlan:
     total: int
     log_every: int  # a curves row every N iterations (and at the last one)
     eval_every: int = 0  # 0: only the last iterate is evaluated
+    eval_from: int = 0  # eval_every counts from this iteration (evaluated itself); none before it but the last
     checkpoint_every: int = 0  # 0: a checkpoint only on SIGTERM
     progress: bool = True
     postfix: tuple[str, ...] = ("loss",)  # the step's scalars shown on the progress bar
@@ -60,7 +61,10 @@ class LoopPlan:
     eval_in_row: bool = False
 
     def evaluates(self, iteration: int) -> bool:
-        return iteration == self.total or bool(self.eval_every and iteration % self.eval_every == 0)
+        if iteration == self.total:
+            return True
+        since = iteration - self.eval_from
+        return bool(self.eval_every) and since >= 0 and since % self.eval_every == 0
 
     def logs(self, iteration: int, evaluated: bool) -> bool:
         return iteration % self.log_every == 0 or iteration == self.total or (self.eval_in_row and evaluated)

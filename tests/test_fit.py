@@ -107,6 +107,16 @@ def test_fit_improves_reconstruction_and_writes_outputs(fashion_mnist_root, tmp_
     assert metrics["iterations"] == 40
 
 
+def test_a_fit_with_a_reconstruction_phase_evaluates_at_its_end_and_counts_eval_every_from_there(
+        fashion_mnist_root, tmp_path):
+    cfg = tiny_fit(fashion_mnist_root, iterations=6, eval_every=4, rec_only_iterations=5)
+    with Fitter(cfg, prepare(cfg), tmp_path) as fitter:
+        fitter.run()
+    with open(tmp_path / "curves.csv") as fh:
+        evals = [int(r["iteration"]) for r in csv.DictReader(fh) if r["eval_val_top1"]]
+    assert evals == [5, 9, 11]  # none during reconstruction, its end, then every 4, and the last iterate
+
+
 def test_fit_measures_validation_while_fitting_and_the_test_set_once_at_the_end(fashion_mnist_root, tmp_path):
     cfg = tiny_fit(fashion_mnist_root, iterations=12, eval_every=4, select_best_on_val=True)
     with Fitter(cfg, prepare(cfg), tmp_path) as fitter:

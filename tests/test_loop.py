@@ -71,6 +71,14 @@ def run(task: Regression, out: Path, plan: LoopPlan = PLAN, tracker: Any = None)
     return loop, loop.run()
 
 
+def test_evaluations_count_from_eval_from_which_is_evaluated_itself():
+    """A fit's reconstruction-only phase is evaluated once, at its end; eval_every counts from there."""
+    plan = LoopPlan("toy", total=12, log_every=1, eval_every=3, eval_from=5, progress=False)
+    assert [i for i in range(1, 13) if plan.evaluates(i)] == [5, 8, 11, 12]
+    assert [i for i in range(1, 13) if LoopPlan("toy", 12, 1, eval_every=0, eval_from=5).evaluates(i)] == [12]
+    assert [i for i in range(1, 13) if LoopPlan("toy", 12, 1, eval_every=4).evaluates(i)] == [4, 8, 12]
+
+
 def test_cadences_and_names(tmp_path):
     plan = LoopPlan("toy", total=10, log_every=3, eval_every=4, progress=False)
     tracker = Recorder()
