@@ -15,6 +15,13 @@ against the anchor, the gap in sd, a figure (OUT/paper_curve.png), and ONE JSON 
     python -m bench.paper_curve --seeds 0 1 2 --out docs/results/paper-curve      # ~1 h per seed, 2 at a time
     python -m bench.paper_curve --seeds 0 --iterations 4 --every 2 --hidden 16 --val-size 500 --eval-limit 200 \
         --out /tmp/pc                                                               # a smoke test
+    python -m bench.paper_curve --seeds 0 1 2 --parallel 3 --ablate fmd-aliased --compare docs/results/paper-curve \
+        --out /tmp/pc-aliased                       # an ablation, drawn beside the recorded curve
+
+Ablations (--ablate, each a behaviour of the reference code that the paper does not define, docs/METHOD.md §13):
+`fmd-aliased` makes every residual block add its shortcut into its second BatchNorm's output in place, as the
+reference's block does, so the recorded map of bn2 becomes the sum: each block distils (bn1, sum, sum) instead
+of (bn1, bn2, sum). It needs the hook recorder, so it runs with compile=false.
 Skips (exit 0, says why) when the public weights or the data are absent.
 """
 
@@ -35,6 +42,23 @@ from bench.harness import (CIFAR10_JPEG, Network, emit, evaluate, fit_config, ma
 ANCHOR = {0: 10.00, 500: 9.99, 1000: 16.54, 1500: 35.04, 2000: 49.24}
 
 
+def alias_fmd_maps() -> None:
+    """Ablation fmd-aliased: the residual sum written into bn2's output tensor, as the reference's block does; the
+    hook recorder has recorded that tensor, so it holds the sum when the loss reads it (bn1, sum, sum)."""
+    from nern import models
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return self.relu2(out)
+
+    models.BasicBlock.forward = forward
+
+
+ABLATIONS = {"fmd-aliased": (alias_fmd_maps, ["compile=false"])}
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -48,6 +72,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-size", type=int, default=5000)
     p.add_argument("--eval-limit", type=int, default=0)
     p.add_argument("--set", action="append", default=[], help="extra fit overrides, key=value (an ablation)")
+    p.add_argument("--ablate", action="append", default=[], choices=sorted(ABLATIONS),
+                   help="a reference-code behaviour to reproduce (see above)")
+    p.add_argument("--compare", type=Path, action="append", default=[],
+                   help="another run's OUT folder, drawn beside this one in the figure")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--permutation-file", default=None, help=argparse.SUPPRESS)
@@ -68,7 +96,11 @@ def run_seed(args: argparse.Namespace, seed: int) -> None:
     """One seed's curve, a JSON line per point; the first line also holds the original's accuracies."""
     network = Network("resnet20", args.hidden, str(public_weights("resnet20")), str(CIFAR10_JPEG), args.val_size,
                       args.eval_limit, "cpu", args.threads, seed)
-    cfg = fit_config("paper", network.overrides() + [f"iterations={args.iterations}", "epochs=null"] + args.set)
+    for name in args.ablate:
+        ABLATIONS[name][0]()
+    forced = [item for name in args.ablate for item in ABLATIONS[name][1]]  # last: they win over --set
+    cfg = fit_config("paper", network.overrides() + [f"iterations={args.iterations}", "epochs=null"] + args.set
+                     + forced)
     path = curve_file(args, seed)
     path.write_text("")
     fitter, original = start_fit(cfg, args.permutation_file, args.out / f"seed{seed}")
@@ -148,7 +180,20 @@ def print_table(rows: list[dict]) -> None:
               f"{r['test_mean']:>8.2f}±{r['test_sd']:<6.2f} {anchor:>7} {gap:>7} {in_sd:>7} {r['rec_rmse_mean']:>8.4f}")
 
 
-def plot(rows: list[dict], seeds_points: dict[int, list[dict]], path: Path) -> None:
+def compared_rows(folder: Path) -> list[dict]:
+    """Per-iteration mean +- sd of test top-1 over the seed*.jsonl files of another run."""
+    curves = [read_curve(f) for f in sorted(folder.glob("seed*.jsonl"))]
+    its = sorted({p["iteration"] for c in curves for p in c})
+    rows = []
+    for it in its:
+        values = [p["test_top1"] for c in curves for p in c if p["iteration"] == it]
+        rows.append({"iteration": it, "test_mean": mean_sd(values)[0], "test_sd": mean_sd(values)[1],
+                     "seeds": len(values)})
+    return rows
+
+
+def plot(rows: list[dict], seeds_points: dict[int, list[dict]], path: Path, label: str = "ours",
+         compare: list[Path] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,9 +202,14 @@ def plot(rows: list[dict], seeds_points: dict[int, list[dict]], path: Path) -> N
     fig, ax = plt.subplots(figsize=(6, 4))
     for seed, points in seeds_points.items():
         ax.plot([p["iteration"] for p in points], [p["test_top1"] for p in points], color="tab:blue", alpha=0.3,
-                lw=1, label="ours, each seed" if seed == min(seeds_points) else None)
+                lw=1, label=f"{label}, each seed" if seed == min(seeds_points) else None)
     ax.errorbar([r["iteration"] for r in rows], [r["test_mean"] for r in rows], yerr=[r["test_sd"] for r in rows],
-                color="tab:blue", marker="o", capsize=3, label="ours, mean ± sd (test)")
+                color="tab:blue", marker="o", capsize=3, label=f"{label}, mean ± sd (test)")
+    for folder, colour in zip(compare, ("tab:orange", "tab:green", "tab:red")):
+        other = compared_rows(folder)
+        ax.errorbar([r["iteration"] for r in other], [r["test_mean"] for r in other],
+                    yerr=[r["test_sd"] for r in other], color=colour, marker="^", capsize=3,
+                    label=f"{folder.name}, mean ± sd (test)")
     ax.plot(list(ANCHOR), list(ANCHOR.values()), color="black", marker="s", ls="--",
             label="reference implementation (one seed)")
     ax.set_xlabel("iteration")
@@ -185,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     run_all(args)
     rows = summarise(args)
     print_table(rows)
-    plot(rows, {s: read_curve(curve_file(args, s)) for s in args.seeds}, args.out / "paper_curve.png")
+    label = "ours" + "".join(f" + {name}" for name in args.ablate)
+    plot(rows, {s: read_curve(curve_file(args, s)) for s in args.seeds}, args.out / "paper_curve.png", label,
+         args.compare)
     emit("paper_curve", rows=rows, anchor=ANCHOR, machine=machine())
 
 

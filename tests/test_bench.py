@@ -40,3 +40,31 @@ def test_every_benchmark_runs_as_a_module_on_the_installed_package(script: str) 
     done = subprocess.run([sys.executable, "-m", f"bench.{script}", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_fmd_aliased_ablation_records_each_blocks_sum_where_bn2_was() -> None:
+    """bench.paper_curve --ablate fmd-aliased reproduces the reference's (bn1, sum, sum) per block; without it the
+    maps are (bn1, bn2, sum) and bn2 differs from the sum."""
+    probe = """
+import torch
+from nern.feature_maps import FeatureMapRecorder
+from nern.models import CIFAR_RESNETS, CifarResNet
+from bench.paper_curve import alias_fmd_maps
+
+def block_maps():
+    torch.manual_seed(0)
+    model = CifarResNet(CIFAR_RESNETS["resnet20"]).eval()
+    with FeatureMapRecorder(model) as rec, torch.no_grad(), rec.record() as maps:
+        model(torch.randn(2, 3, 32, 32))
+        return [(maps[2 + 3 * b], maps[3 + 3 * b]) for b in range(9)]
+
+before = block_maps()
+alias_fmd_maps()
+after = block_maps()
+assert not any(torch.equal(bn2, total) for bn2, total in before)
+assert all(torch.equal(bn2, total) for bn2, total in after)
+assert all(torch.equal(b[1], a[1]) for b, a in zip(before, after))  # the sums themselves unchanged
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
