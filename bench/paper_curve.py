@@ -17,6 +17,7 @@ against the anchor, the gap in sd, a figure (OUT/paper_curve.png), and ONE JSON 
         --out /tmp/pc                                                               # a smoke test
     python -m bench.paper_curve --seeds 0 1 2 --parallel 3 --ablate fmd-aliased --compare docs/results/paper-curve \
         --out /tmp/pc-aliased                       # an ablation, drawn beside the recorded curve
+    python -m bench.paper_curve --summarise-only --seeds 0 1 2 --out docs/results/paper-curve   # table + figure again
 
 Ablations (--ablate, each a behaviour of the reference code that the paper does not define, docs/METHOD.md §13):
 `fmd-aliased` makes every residual block add its shortcut into its second BatchNorm's output in place, as the
@@ -77,6 +78,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare", type=Path, action="append", default=[],
                    help="another run's OUT folder, drawn beside this one in the figure")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--summarise-only", action="store_true",
+                   help="run nothing: the table and figure of what OUT holds (seeds stopped early included)")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--permutation-file", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -229,10 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.child is not None:
         return run_seed(args, args.child)
     print(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "machine": machine()}), flush=True)
-    weights = public_weights("resnet20")
-    args.permutation_file, seconds = permutation_file(args.permutation, "resnet20", weights, args.out, args.method)
-    print(f"permutation {args.permutation} ({args.method}): {seconds:.0f} s", flush=True)
-    run_all(args)
+    if not args.summarise_only:
+        weights = public_weights("resnet20")
+        args.permutation_file, seconds = permutation_file(args.permutation, "resnet20", weights, args.out,
+                                                          args.method)
+        print(f"permutation {args.permutation} ({args.method}): {seconds:.0f} s", flush=True)
+        run_all(args)
     rows = summarise(args)
     print_table(rows)
     label = "ours" + "".join(f" + {name}" for name in args.ablate)
