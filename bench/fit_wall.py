@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def run_fit(tree: Path, command: list[str], out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     with (out / "fit.log").open("w") as log:
         subprocess.run(command, cwd=tree, check=True, stdout=log, stderr=subprocess.STDOUT,
-                       env={**__import__("os").environ, "PYTHONPATH": str(tree)})
+                       env={**os.environ, "PYTHONPATH": str(tree)})
     seconds = time.perf_counter() - start
     metrics = json.loads((out / "metrics.json").read_text())
     return {"process_seconds": seconds, **{k: metrics.get(k) for k in (

@@ -90,6 +90,7 @@ class OriginalQAT:
     def __init__(self, cfg: FitConfig, model: nn.Module, layers: list[ConvLayer], splits: Any, bits: int,
                  masks: dict[str, torch.Tensor], quantise_fc: bool = False, scale: float = 1.0):
         self.cfg, self.device = baseline_config(cfg), torch.device(cfg.device)
+        self.bf16 = use_bf16(self.cfg.autocast_bf16, self.cfg.device)  # resolved once, not every step
         torch.manual_seed(cfg.seed)
         self.teacher = copy.deepcopy(model).to(self.device).eval()  # frozen, unquantised; the caller's untouched
         self.student = copy.deepcopy(self.teacher).eval()
@@ -120,7 +121,7 @@ class OriginalQAT:
             teacher_logits = self.teacher(x)
             teacher_maps = list(maps)
         lam = self.weights
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16(self.cfg.autocast_bf16, self.cfg.device)):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             with self.student_maps.record() as maps:
                 logits = self.student(x)
                 student_maps = list(maps)
