@@ -198,8 +198,10 @@ class FitConfig:
     threads: int | None = None
     compile: bool = False
     # Predictor and reconstructed network in bfloat16 (losses fp32). "auto": on where the device computes in bf16
-    # natively (bf16_native), else off; metrics.json records what ran (`bf16`)
-    autocast_bf16: bool | Literal["auto"] = False
+    # natively (bf16_native), else off. "reconstruction": as "auto", but only in the reconstruction-only steps
+    # (rec_only_batch), where bf16 measured fidelity-neutral; distillation stays fp32. metrics.json records what
+    # ran (`bf16`: the distillation phase, `bf16_reconstruction`)
+    autocast_bf16: bool | Literal["auto", "reconstruction"] = False
     progress: bool = True
 
 
@@ -452,8 +454,11 @@ def bf16_native(device: str) -> bool:
     return False
 
 
-def use_bf16(setting: bool | str, device: str) -> bool:
-    """The `autocast_bf16` setting resolved on this machine: true, false, or "auto" = bf16_native(device)."""
+def use_bf16(setting: bool | str, device: str, *, reconstruction_phase: bool = False) -> bool:
+    """The `autocast_bf16` setting resolved on this machine for one phase: true, false, "auto" = bf16_native(device),
+    "reconstruction" = bf16_native(device) in the reconstruction-only phase and off elsewhere."""
+    if setting == "reconstruction":
+        return reconstruction_phase and bf16_native(device)
     return bf16_native(device) if setting == "auto" else bool(setting)
 
 

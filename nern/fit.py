@@ -173,7 +173,8 @@ def fit_metrics(fitter: Fitter, history: History, resumed: bool) -> dict[str, An
         "seconds_per_iteration": history.train_seconds / max(1, it),
         "final_loss": history.curves[-1]["loss"] if history.curves else None,
         "data_free": fitter.cfg.data_free,
-        "bf16": fitter.bf16,  # autocast_bf16 as it ran on this machine ("auto" resolved)
+        "bf16": fitter.bf16,  # autocast_bf16 as it ran on this machine ("auto" resolved): distillation
+        "bf16_reconstruction": fitter.bf16_reconstruction,  # and the reconstruction-only steps
         "resumed": resumed,
         "layers": layer_errors(fitter.reconstructed_weights(), fitter.originals, s.rep.layers),
     }

@@ -40,7 +40,9 @@ class Method:
 
     def __init__(self, cfg: FitConfig, setup: FitSetup):
         self.cfg, self.s, self.device = cfg, setup, torch.device(cfg.device)
-        self.bf16 = use_bf16(cfg.autocast_bf16, cfg.device)  # departure autocast_bf16, resolved on this machine
+        # departure autocast_bf16, resolved on this machine: distillation / reconstruction-only steps
+        self.bf16 = use_bf16(cfg.autocast_bf16, cfg.device)
+        self.bf16_reconstruction = use_bf16(cfg.autocast_bf16, cfg.device, reconstruction_phase=True)
         torch.manual_seed(cfg.seed)
         self.predictor, self.forward_predictor = build_predictor(cfg, setup, self.device)  # §3
         self.tuned = attach_tuned(cfg, setup)  # departure tune_verbatim, else None
@@ -127,7 +129,7 @@ class Method:
     def kernel_rows_objective(self, lam: LossWeights) -> Terms:
         """Departure rec_only_batch: a reconstruction-only step on a subset of kernel rows, only those through
         the predictor."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16_reconstruction):
             rec = self.rec_rows.term(self.forward_predictor, self.s.embeddings)
         zero = rec.new_zeros(())
         return Terms(nern_objective(lam, rec, zero, zero), rec, zero, zero, zero)
@@ -285,7 +287,8 @@ DEPARTURES = (
               "losses.label_term"),
     Departure("optim.warmup_iterations", 0, "a linear learning-rate warm-up of the distillation phase",
               "optim.make_scheduler"),
-    Departure("autocast_bf16", False, "predictor and reconstructed network in bfloat16 (throughput); losses in fp32",
+    Departure("autocast_bf16", False, "predictor and reconstructed network in bfloat16 (throughput); losses in fp32; "
+              "'reconstruction': only in the reconstruction-only steps",
               "torch.autocast in Method"),
     Departure("compile", False, "torch.compile: one fused graph per network (throughput, same losses to ~1e-3)",
               "fit_setup.build_predictor, reconstruct.NetworkPair(fused)"),

@@ -86,4 +86,12 @@ def test_autocast_bf16_takes_true_false_or_auto_and_auto_follows_the_device(monk
     for native in (True, False):
         monkeypatch.setattr(config_mod, "bf16_native", lambda device, native=native: native)
         assert config_mod.use_bf16("auto", "cpu") is native
+        # "reconstruction": as "auto" in the reconstruction-only steps, never in distillation
+        assert config_mod.use_bf16("reconstruction", "cpu", reconstruction_phase=True) is native
+        assert config_mod.use_bf16("reconstruction", "cpu") is False
     assert not config_mod.bf16_native("meta")
+    assert load_config(FitConfig, None, ["autocast_bf16=reconstruction"]).autocast_bf16 == "reconstruction"
+    with pytest.raises(NernError, match="autocast_bf16.*'auto'.*'reconstruction'"):
+        load_config(FitConfig, None, ["autocast_bf16=rec"])
+    with pytest.raises(NernError, match="autocast_bf16"):  # a pretrain has no reconstruction phase
+        load_config(PretrainConfig, None, ["autocast_bf16=reconstruction"])

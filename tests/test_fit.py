@@ -497,4 +497,24 @@ def test_a_bf16_fit_trains_fp32_parameters_and_records_what_ran(fashion_mnist_ro
     assert all(p.dtype == torch.float32 for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
     assert metrics["bf16"] is (True if setting is True else bf16_native("cpu"))
+    assert metrics["bf16_reconstruction"] is metrics["bf16"]
     assert torch.isfinite(torch.tensor(metrics["rec_rmse"]))
+
+
+def test_reconstruction_only_bf16_autocasts_the_reconstruction_steps_and_not_distillation(fashion_mnist_root,
+                                                                                          tmp_path, monkeypatch):
+    """autocast_bf16=reconstruction: the predictor runs in bf16 in the minibatch reconstruction-only steps and in
+    fp32 once distillation starts (bf16 lowered agreement there, docs/results/cifar10-cpu-r20-bf16)."""
+    import nern.config as config_mod
+
+    monkeypatch.setattr(config_mod, "bf16_native", lambda device: True)  # as on an AVX512-BF16 CPU
+    cfg = tiny_fit(fashion_mnist_root, iterations=2, eval_every=0, autocast_bf16="reconstruction",
+                   rec_only_iterations=2, rec_only_batch=64)
+    dtypes: list[torch.dtype] = []
+    with Fitter(cfg, prepare(cfg), tmp_path) as fitter:
+        hook = fitter.predictor.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        metrics = fitter.run()
+        hook.remove()
+    assert metrics["bf16_reconstruction"] is True and metrics["bf16"] is False
+    assert dtypes[:2] == [torch.bfloat16, torch.bfloat16]  # the two reconstruction-only steps
+    assert torch.float32 in dtypes[2:] and torch.bfloat16 not in dtypes[2:]  # distillation and evaluation
