@@ -441,7 +441,8 @@ def test_the_paper_recipe_departs_from_nothing_and_the_fast_recipe_lists_its_swi
     fast = departures(load_config(FitConfig, root / "fast.yaml"))
     assert fast == {"rec_only_iterations": 4800, "rec_only_batch": 4096, "loss.rec_space": "normalized",
                     "predictor.normalize_targets": True,
-                    "predictor.init": "variance", "sampling.method": "all", "optim.clip_grad_norm": 10.0}
+                    "predictor.init": "variance", "sampling.method": "all", "optim.clip_grad_norm": 10.0,
+                    "autocast_bf16": "reconstruction"}
     assert all(d.why for d in DEPARTURES)
 
 
